@@ -1,0 +1,172 @@
+"""The ``recstream`` command: parses arguments and hands each command to the package that owns it.
+
+Commands are imported only when run, so ``recstream publish`` or ``tail`` on a client-only install
+never imports torch, transformers or faust. Any error a user can cause ends in one line on stderr and
+a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A mistake the user can fix, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _handler(target: str) -> Callable[[argparse.Namespace], int]:
+    """A lazily imported command implementation named ``module:function``."""
+
+    def run(args: argparse.Namespace) -> int:
+        module, func = target.split(":")
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+    return run
+
+
+def _speed(value: str) -> float | None:
+    if value == "max":
+        return None
+    try:
+        speed = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"speed must be a number or 'max', not {value!r}") from None
+    if speed <= 0:
+        raise argparse.ArgumentTypeError("speed must be positive")
+    return speed
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="recstream", description=__doc__.splitlines()[0])
+    parser.add_argument("--env-file", type=Path, help="settings file of RECSTREAM_* lines")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    up = sub.add_parser("up", help="embedded broker + topics + worker (role all); Ctrl-C stops all")
+    up.add_argument("--data-dir", type=Path)
+    up.add_argument("--port", type=int, default=9092)
+    up.set_defaults(run=_handler("streams.up:cli_up"))
+
+    demo = sub.add_parser("demo", help="`up` + demo catalogue + simulated users + live view")
+    demo.add_argument("--data-dir", type=Path)
+    demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
+    demo.add_argument("--duration", type=_positive, default=None,
+                      help="stop after this many seconds (default: run until Ctrl-C)")
+    demo.add_argument("--rate", type=_positive, default=2.0, help="simulated events per second")
+    demo.set_defaults(run=_handler("streams.demo:cli_demo"))
+
+    worker = sub.add_parser("worker", help="one Faust worker against the configured Kafka/Qdrant")
+    worker.add_argument("--role", choices=["all", "ingest", "encoder", "recommend"], default="all")
+    worker.set_defaults(run=_handler("streams.up:cli_worker"))
+
+    publish = sub.add_parser("publish", help="publish events from a file to their topics")
+    publish.add_argument("file", type=Path)
+    publish.add_argument("--format", choices=["jsonl", "csv", "parquet"], default=None)
+    publish.set_defaults(run=_handler("producers.cli:cli_publish"))
+
+    tail = sub.add_parser("tail", help="read recommendations")
+    tail.add_argument("--user", default=None)
+    tail.add_argument("--max", type=int, default=None, dest="max_n")
+    tail.add_argument("--timeout", type=_positive, default=None)
+    tail.add_argument("--json", action="store_true")
+    tail.set_defaults(run=_handler("consumers.cli:cli_tail"))
+
+    archive = sub.add_parser("archive", help="topics -> rolling Parquet event log")
+    archive.add_argument("--out", type=Path, required=True)
+    archive.add_argument("--topics", default=None, help="comma-separated topic names")
+    archive.add_argument("--idle-timeout", type=_positive, default=None,
+                         help="stop after this many seconds without a message")
+    archive.set_defaults(run=_handler("consumers.cli:cli_archive"))
+
+    schemas = sub.add_parser("schemas", help="event contracts")
+    schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True, parser_class=_Parser)
+    export = schemas_sub.add_parser("export", help="write the JSON Schema of every event type")
+    export.add_argument("dir", type=Path)
+    export.set_defaults(run=_cli_schemas_export)
+    return parser
+
+
+def _cli_schemas_export(args: argparse.Namespace) -> int:
+    from schemas.export import export_json_schemas
+
+    for path in export_json_schemas(args.dir):
+        print(path)
+    return 0
+
+
+def load_cli_settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The one Settings object for a command, with ``--data-dir`` applied."""
+    from infra.logs import configure_logging
+    from infra.settings import load_settings
+
+    if getattr(args, "data_dir", None) is not None:
+        overrides["data_dir"] = args.data_dir
+    settings = load_settings(args.env_file, **overrides)
+    configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from pydantic import ValidationError
+
+    from infra.broker import BrokerStartError
+    from infra.kafka import BrokerUnreachable
+
+    errors: list[type[BaseException]] = [
+        UserError, BrokerStartError, BrokerUnreachable, FileNotFoundError, ValidationError,
+    ]
+    for module, name in (("producers.publish", "PublishError"),
+                         ("models.encoder", "EncoderLoadError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except ImportError:  # that part is not installed; its errors cannot occur either
+            continue
+    return tuple(errors)
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"invalid setting {where}: {err['msg']}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except _known_errors() as exc:
+        print(f"recstream: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""One frozen, nested Settings object built from ``RECSTREAM_*`` variables (and an optional file).
+
+Build it once at the entry point (:func:`load_settings`) and pass it down; nothing else reads the
+environment. Nested fields use a double underscore: ``RECSTREAM_KAFKA__SECURITY_PROTOCOL``. The
+names the design documents promise are also accepted at the top level:
+``RECSTREAM_BOOTSTRAP_SERVERS``, ``RECSTREAM_QDRANT_URL``, ``RECSTREAM_ENCODER_MODEL``,
+``RECSTREAM_DEVICE``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(BaseModel):
+    """How to reach the Kafka cluster (or the embedded broker)."""
+
+    model_config = _FROZEN
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1, le=16)
+    # librdkafka's default session timeout makes group joins take ~23 s on the embedded broker.
+    session_timeout_ms: int = Field(default=6000, ge=1000)
+
+
+class VectorSettings(BaseModel):
+    """Where vectors live: embedded Qdrant Edge under the data dir, or a Qdrant server."""
+
+    model_config = _FROZEN
+
+    url: str | None = None
+    api_key: SecretStr | None = None
+    items_collection: str = "items"
+    reviews_collection: str = "reviews"
+
+
+class EncoderSettings(BaseModel):
+    """The text encoder: model directory, device and batching."""
+
+    model_config = _FROZEN
+
+    model: Path | None = None  # None = the packaged all-MiniLM-L6-v2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    max_length: int = Field(default=256, ge=8, le=512)
+    max_wait_ms: int = Field(default=50, ge=1, le=10_000)
+
+
+class RankingSettings(BaseModel):
+    """Knobs of the untrained ranker (the defaults are what evaluation measured)."""
+
+    model_config = _FROZEN
+
+    k: int = Field(default=10, ge=1, le=200)
+    candidates: int = Field(default=100, ge=1, le=2000)
+    recent_items: int = Field(default=50, ge=1, le=500)
+    behaviour_weight: float = Field(default=0.7, ge=0.0, le=1.0)
+    half_life_events: float = Field(default=5.0, gt=0.0)
+    covisit_weight: float = Field(default=0.35, ge=0.0)
+    mmr_lambda: float = Field(default=0.8, ge=0.0, le=1.0)
+    exclude_seen: bool = True
+
+
+class StreamSettings(BaseModel):
+    """Faust worker settings."""
+
+    model_config = _FROZEN
+
+    app_id: str = "recstream"
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    batch_wait_ms: int = Field(default=20, ge=1, le=10_000)
+    web_port: int = Field(default=6066, ge=0, le=65535)
+    web_host: str = "127.0.0.1"
+
+
+class Settings(BaseSettings):
+    """Every setting recstream reads, frozen once built."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSTREAM_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="ignore",
+    )
+
+    data_dir: Path = Path(".data")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = False
+    kafka: KafkaSettings = KafkaSettings()
+    vectors: VectorSettings = VectorSettings()
+    encoder: EncoderSettings = EncoderSettings()
+    ranking: RankingSettings = RankingSettings()
+    stream: StreamSettings = StreamSettings()
+    # Short top-level aliases named in the design documents.
+    bootstrap_servers: str | None = None
+    qdrant_url: str | None = None
+    encoder_model: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        moves = {
+            "bootstrap_servers": ("kafka", "bootstrap_servers"),
+            "qdrant_url": ("vectors", "url"),
+            "encoder_model": ("encoder", "model"),
+            "device": ("encoder", "device"),
+        }
+        data = dict(data)
+        for alias, (section, field) in moves.items():
+            value = data.get(alias)
+            if value is None:
+                continue
+            nested = data.get(section)
+            nested = dict(nested) if isinstance(nested, dict) else (
+                nested.model_dump() if isinstance(nested, BaseModel) else {}
+            )
+            nested[field] = value
+            data[section] = nested
+        return data
+
+    @property
+    def vectors_dir(self) -> Path:
+        return self.data_dir / "qdrant"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+
+def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the one Settings object: environment, then ``env_file``, then explicit overrides."""
+    if env_file is not None and not env_file.is_file():
+        raise FileNotFoundError(f"settings file not found: {env_file}")
+    return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]

@@ -1,0 +1,78 @@
+"""Streaming co-visitation counts (item -> items seen near it) and popularity, as pure functions.
+
+When a user interacts with item b after items a1..an, each pair (a_i, b) within ``window`` steps is
+counted in both directions. Each item keeps at most ``cap`` neighbours (the most counted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+Neighbours = dict[str, float]
+
+DEFAULT_WINDOW = 3
+DEFAULT_CAP = 100
+
+
+def covisit_pairs(before: Sequence[str], item: str, window: int = DEFAULT_WINDOW) -> list[tuple[str, str]]:
+    """Ordered pairs (a, b) and (b, a) for ``item`` and each of the last ``window`` distinct earlier items."""
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = {item}
+    for prev in reversed(before):
+        if prev in seen:
+            continue
+        seen.add(prev)
+        pairs.extend(((prev, item), (item, prev)))
+        if len(seen) > window:
+            break
+    return pairs
+
+
+def add_counts(neigh: Mapping[str, float] | None, others: Iterable[str], cap: int = DEFAULT_CAP) -> Neighbours:
+    """A neighbour map with one more count for each of ``others``, trimmed to ``cap`` entries."""
+    out: Neighbours = dict(neigh or {})
+    for other in others:
+        out[other] = out.get(other, 0.0) + 1.0
+    if len(out) > 2 * cap:
+        out = dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:cap])
+    return out
+
+
+def covisit_scores(
+    neighbours: Mapping[str, Mapping[str, float]], recent: Sequence[tuple[str, float]]
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Candidate scores in [0, 1] from the recent items' neighbours, and each one's top source.
+
+    ``recent`` holds (item id, weight) pairs; a candidate's raw score is the weighted sum of its
+    co-visitation counts with those items, normalised per source item by that item's total count.
+    """
+    raw: dict[str, float] = {}
+    best: dict[str, tuple[float, str]] = {}
+    for item, weight in recent:
+        neigh = neighbours.get(item)
+        if not neigh or weight <= 0:
+            continue
+        total = sum(neigh.values())
+        for other, count in neigh.items():
+            contribution = weight * count / total
+            raw[other] = raw.get(other, 0.0) + contribution
+            if contribution > best.get(other, (0.0, ""))[0]:
+                best[other] = (contribution, item)
+    if not raw:
+        return {}, {}
+    top = max(raw.values())
+    return {k: v / top for k, v in raw.items()}, {k: src for k, (_, src) in best.items()}
+
+
+def bump_popularity(
+    popular: Mapping[str, float] | None, items: Iterable[str], decay: float = 0.999, cap: int = 200
+) -> dict[str, float]:
+    """Exponentially decayed item popularity: every new interaction ages the old counts."""
+    batch = list(items)
+    n = len(batch)
+    out = {k: v * decay**n for k, v in (popular or {}).items()}
+    for j, item in enumerate(batch):
+        out[item] = out.get(item, 0.0) + decay ** (n - 1 - j)
+    if len(out) > 2 * cap:
+        out = dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0]))[:cap])
+    return out

@@ -1,0 +1,148 @@
+"""Re-ranking, pure: fuse similarity, co-visitation and popularity, filter, diversify, explain.
+
+Input is plain data (vectors, payload titles, scores); no store or broker is touched here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.state import VERBS, Interaction, ReviewRef
+
+POPULARITY_WEIGHT = 0.05
+MAX_REASONS = 2
+POOL_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ItemInfo:
+    """An item as the ranker sees it: unit vector and display fields."""
+
+    item_id: str
+    vector: np.ndarray
+    title: str
+    available: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    item_id: str
+    score: float
+    reasons: list[str]
+
+
+@dataclass(slots=True)
+class RankInput:
+    """One user's ranking problem."""
+
+    query: np.ndarray | None
+    history: Sequence[Interaction]
+    reviews: Sequence[ReviewRef]
+    exclude: set[str]
+    similar: Mapping[str, float]  # item -> cosine similarity to the query (retrieved)
+    covisit: Mapping[str, float] = field(default_factory=dict)  # item -> [0, 1]
+    covisit_source: Mapping[str, str] = field(default_factory=dict)  # item -> history item
+    popular: Mapping[str, float] = field(default_factory=dict)  # item -> [0, 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    covisit: float = 0.35
+    mmr_lambda: float = 0.8
+
+
+def _quote(title: str, limit: int = 60) -> str:
+    return f"“{title if len(title) <= limit else title[: limit - 1] + '…'}”"
+
+
+def _base_scores(inp: RankInput, items: Mapping[str, ItemInfo], w: Weights) -> dict[str, float]:
+    candidates = set(inp.similar) | set(inp.covisit) | set(inp.popular)
+    scores: dict[str, float] = {}
+    for item_id in candidates:
+        info = items.get(item_id)
+        if info is None or not info.available or item_id in inp.exclude:
+            continue
+        sim = inp.similar.get(item_id)
+        if sim is None:
+            sim = float(info.vector @ inp.query) if inp.query is not None else 0.0
+        scores[item_id] = (
+            sim + w.covisit * inp.covisit.get(item_id, 0.0)
+            + POPULARITY_WEIGHT * inp.popular.get(item_id, 0.0)
+        )
+    return scores
+
+
+def mmr_select(
+    scores: Mapping[str, float], items: Mapping[str, ItemInfo], k: int, lam: float
+) -> list[str]:
+    """Maximal marginal relevance: trade each next item's score against its nearest pick."""
+    pool = sorted(scores, key=lambda i: (-scores[i], i))[: max(k * POOL_FACTOR, k)]
+    if not pool:
+        return []
+    vecs = np.stack([items[i].vector for i in pool])
+    rel = np.array([scores[i] for i in pool])
+    chosen: list[int] = []
+    max_sim = np.full(len(pool), -np.inf)
+    for _ in range(min(k, len(pool))):
+        penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
+        mmr = lam * rel - (1.0 - lam) * penalty
+        mmr[chosen] = -np.inf
+        best = int(np.argmax(mmr))
+        chosen.append(best)
+        max_sim = np.maximum(max_sim, vecs @ vecs[best])
+    return [pool[i] for i in chosen]
+
+
+def explain(
+    item: ItemInfo,
+    inp: RankInput,
+    items: Mapping[str, ItemInfo],
+    review_vectors: Mapping[str, np.ndarray],
+) -> list[str]:
+    """Human-readable reasons, strongest first: history item, review, co-visitation, popularity."""
+    found: list[tuple[float, str]] = []
+    kinds: dict[str, str] = {}
+    for inter in inp.history:  # the strongest kind per item wins the verb
+        if inter.weight >= 0 and (inter.item_id not in kinds or inter.kind in ("purchase", "review")):
+            kinds[inter.item_id] = inter.kind
+    best_hist = max(
+        ((float(item.vector @ items[h].vector), h) for h in kinds if h in items),
+        default=None,
+    )
+    if best_hist is not None:
+        sim, h = best_hist
+        found.append((sim, f"because you {VERBS.get(kinds[h], 'viewed')} {_quote(items[h].title)}"))
+    for ref in inp.reviews:
+        vec = review_vectors.get(ref.key)
+        if vec is None:
+            continue
+        sim = float(item.vector @ vec)
+        about = items[ref.item_id].title if ref.item_id in items else ref.item_id
+        found.append((sim, f"close to your review of {_quote(about)}: {_quote(ref.snippet, 40)}"))
+    source = inp.covisit_source.get(item.item_id)
+    if source and inp.covisit.get(item.item_id, 0.0) > 0.0 and source in items:
+        strength = 0.5 + 0.5 * inp.covisit[item.item_id]
+        found.append((strength, f"often viewed together with {_quote(items[source].title)}"))
+    found.sort(key=lambda r: -r[0])
+    reasons = list(dict.fromkeys(text for _, text in found))[:MAX_REASONS]
+    if not reasons:
+        reasons = ["popular with other people right now"]
+    return reasons
+
+
+def rank(
+    inp: RankInput,
+    items: Mapping[str, ItemInfo],
+    review_vectors: Mapping[str, np.ndarray],
+    k: int,
+    weights: Weights,
+) -> list[Ranked]:
+    """The top ``k`` items for one user, diversified, each with at least one reason."""
+    scores = _base_scores(inp, items, weights)
+    picked = mmr_select(scores, items, k, weights.mmr_lambda)
+    return [
+        Ranked(i, round(scores[i], 6), explain(items[i], inp, items, review_vectors)) for i in picked
+    ]

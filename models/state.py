@@ -1,0 +1,189 @@
+"""Per-user state and the seeds' fusion f(x, z) = x W1 + z W2, as pure functions over plain data.
+
+The state keeps ids, kinds and times only (vectors stay in the vector store), so it stays small and
+JSON-serialisable for a Faust table. The behaviour vector x is a recency-decayed, kind-weighted mean
+of the vectors of the user's recent items; the text vector z is the mean of their review vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: How much each kind of behaviour says about taste.
+KIND_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "click": 2.0,
+    "add_to_cart": 3.0,
+    "purchase": 5.0,
+    "review": 4.0,
+}
+#: Kinds after which an item is never recommended again to the same user.
+CONSUMED_KINDS = frozenset({"purchase", "review", "rating"})
+MAX_CONSUMED = 500
+MAX_REVIEWS = 10
+SNIPPET_CHARS = 60
+
+VERBS = {
+    "view": "viewed",
+    "click": "clicked",
+    "add_to_cart": "added to your cart",
+    "purchase": "bought",
+    "rating": "rated",
+    "review": "reviewed",
+}
+
+
+def kind_weight(kind: str, value: float | None = None) -> float:
+    """Weight of one interaction; a rating counts by how much above 2.5 stars it is."""
+    if kind == "rating":
+        return max(0.0, ((value if value is not None else 2.5) - 2.5) * 2.0)
+    return KIND_WEIGHTS.get(kind, 1.0)
+
+
+@dataclass(slots=True)
+class Interaction:
+    item_id: str
+    kind: str
+    ts: int
+    weight: float
+
+
+@dataclass(slots=True)
+class ReviewRef:
+    """A review of the user's whose vector is in the reviews collection under ``key``."""
+
+    key: str
+    item_id: str
+    snippet: str
+
+
+@dataclass(slots=True)
+class UserState:
+    """What recstream remembers about one user."""
+
+    recent: list[Interaction] = field(default_factory=list)  # oldest first
+    consumed: list[str] = field(default_factory=list)  # bought, reviewed or rated
+    reviews: list[ReviewRef] = field(default_factory=list)  # oldest first
+    events: int = 0
+    last_ts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> UserState:
+        if not data:
+            return cls()
+        return cls(
+            recent=[Interaction(**r) for r in data.get("recent", [])],
+            consumed=list(data.get("consumed", [])),
+            reviews=[ReviewRef(**r) for r in data.get("reviews", [])],
+            events=int(data.get("events", 0)),
+            last_ts=int(data.get("last_ts", 0)),
+        )
+
+    def exclusions(self, exclude_seen: bool) -> set[str]:
+        """Items not to recommend: consumed ones always, every recent one if ``exclude_seen``."""
+        out = set(self.consumed)
+        if exclude_seen:
+            out.update(i.item_id for i in self.recent)
+        return out
+
+
+def apply_interaction(
+    state: UserState, item_id: str, kind: str, ts: int, value: float | None, max_recent: int
+) -> list[str]:
+    """Record one behaviour event; return the user's earlier recent items (for co-visitation)."""
+    before = [i.item_id for i in state.recent]
+    state.recent.append(Interaction(item_id, kind, ts, kind_weight(kind, value)))
+    del state.recent[:-max_recent]
+    if kind in CONSUMED_KINDS and item_id not in state.consumed:
+        state.consumed.append(item_id)
+        del state.consumed[:-MAX_CONSUMED]
+    state.events += 1
+    state.last_ts = max(state.last_ts, ts)
+    return before
+
+
+def apply_review(state: UserState, key: str, item_id: str, snippet: str) -> None:
+    """Remember an embedded review of the user's (its vector is stored under ``key``)."""
+    state.reviews = [r for r in state.reviews if r.key != key]
+    state.reviews.append(ReviewRef(key, item_id, snippet[:SNIPPET_CHARS]))
+    del state.reviews[:-MAX_REVIEWS]
+
+
+def behaviour_vector(
+    state: UserState, vectors: Mapping[str, np.ndarray], half_life_events: float
+) -> np.ndarray | None:
+    """x: recency-decayed, kind-weighted mean of the recent items' vectors (None if none known)."""
+    acc: np.ndarray | None = None
+    total = 0.0
+    newest = len(state.recent) - 1
+    for pos, inter in enumerate(state.recent):
+        vec = vectors.get(inter.item_id)
+        if vec is None or inter.weight <= 0.0:
+            continue
+        w = inter.weight * 0.5 ** ((newest - pos) / half_life_events)
+        acc = vec * w if acc is None else acc + vec * w
+        total += w
+    return None if acc is None or total == 0.0 else acc / total
+
+
+def text_vector(state: UserState, vectors: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """z: mean of the user's review vectors (None if none is known)."""
+    found = [vectors[r.key] for r in state.reviews if r.key in vectors]
+    return np.mean(found, axis=0) if found else None
+
+
+def _unit(vec: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vec))
+    return vec / norm if norm > 0 else vec
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """f(x, z) = x W1 + z W2; untrained, W1 = a I and W2 = (1 - a) I (a weighted mean)."""
+
+    w1: np.ndarray
+    w2: np.ndarray
+    version: str = "untrained"
+
+    @classmethod
+    def untrained(cls, dim: int, behaviour_weight: float) -> Fusion:
+        eye = np.eye(dim, dtype=np.float32)
+        return cls(eye * behaviour_weight, eye * (1.0 - behaviour_weight))
+
+    @classmethod
+    def load(cls, path: Path) -> Fusion:
+        data = np.load(path)
+        return cls(data["w1"].astype(np.float32), data["w2"].astype(np.float32),
+                   str(data["version"]) if "version" in data else path.stem)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, w1=self.w1, w2=self.w2, version=np.array(self.version))
+
+    def query(self, x: np.ndarray | None, z: np.ndarray | None) -> np.ndarray | None:
+        """The unit query vector; a missing part contributes nothing (the other is used alone)."""
+        if x is None and z is None:
+            return None
+        if z is None:
+            return _unit(np.asarray(x @ self.w1 if self._trained else x, dtype=np.float32))
+        if x is None:
+            return _unit(np.asarray(z @ self.w2 if self._trained else z, dtype=np.float32))
+        return _unit((x @ self.w1 + z @ self.w2).astype(np.float32))
+
+    @property
+    def _trained(self) -> bool:
+        return self.version != "untrained"
+
+
+def history_keys(states: Sequence[UserState]) -> tuple[list[str], list[str]]:
+    """Every recent item id and review key the given states refer to (deduplicated, ordered)."""
+    items = dict.fromkeys(i.item_id for s in states for i in s.recent)
+    reviews = dict.fromkeys(r.key for s in states for r in s.reviews)
+    return list(items), list(reviews)

@@ -1,0 +1,67 @@
+"""The event-log schema: how events are stored in Parquet (archive writes it, replay reads it).
+
+One row per event: the envelope, every per-type field (null where a type has none), and where the
+event came from. Item ``attributes`` and recommendation ``items`` are stored as JSON text so that the
+schema stays flat and stable as records gain fields.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import polars as pl
+
+from schemas.events import ALL_TYPES, Event
+
+EVENT_LOG_SCHEMA: dict[str, Any] = {
+    "event_id": pl.String,
+    "ts": pl.Int64,
+    "type": pl.String,
+    "source": pl.String,
+    "user_id": pl.String,
+    "item_id": pl.String,
+    "value": pl.Float64,
+    "text": pl.String,
+    "rating": pl.Float64,
+    "title": pl.String,
+    "description": pl.String,
+    "categories": pl.List(pl.String),
+    "attributes": pl.String,
+    "available": pl.Boolean,
+    "items": pl.String,
+    "topic": pl.String,
+    "partition": pl.Int32,
+    "offset": pl.Int64,
+}
+_JSON_COLUMNS = ("attributes", "items")
+
+
+def to_row(
+    event: Event, topic: str | None = None, partition: int | None = None, offset: int | None = None
+) -> dict[str, Any]:
+    """One event as an event-log row (every schema column present)."""
+    data = event.model_dump(mode="json", exclude_none=True)
+    row: dict[str, Any] = dict.fromkeys(EVENT_LOG_SCHEMA)
+    for name, value in data.items():
+        if name in row:
+            row[name] = json.dumps(value, sort_keys=True) if name in _JSON_COLUMNS else value
+    row.update(topic=topic, partition=partition, offset=offset)
+    return row
+
+
+def rows_to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """Event-log rows as a DataFrame with exactly :data:`EVENT_LOG_SCHEMA`."""
+    return pl.DataFrame(rows, schema=EVENT_LOG_SCHEMA, orient="row")
+
+
+def from_row(row: dict[str, Any]) -> Event:
+    """An event-log row back to its event record (unknown columns and nulls ignored)."""
+    record = ALL_TYPES[row["type"]]
+    data = {}
+    for name in record.model_fields:
+        value = row.get(name)
+        if value is None:
+            continue
+        data[name] = json.loads(value) if name in _JSON_COLUMNS else value
+    return record.model_validate(data)

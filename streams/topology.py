@@ -1,0 +1,124 @@
+"""The whole pipeline on one screen: topics -> agents -> tables -> sinks, per worker role.
+
+```
+behavior.events.v1 ─┐                                   ┌─> recstream.user-updates.v1 ─> [update-user-state]
+catalog.items.v1  ──┼─> [validate-input] ─ invalid ─> dead-letter.v1          │ users, covisit, popularity
+users.forget.v1   ──┘        │                                                  └─> recommendations.v1
+                             └─> recstream.encode-requests.v1 ─> [encode-text] ─> vector store
+                                                                       └─> recstream.user-updates.v1
+```
+Roles: ``ingest`` runs validate-input, ``encoder`` runs encode-text, ``recommend`` runs
+update-user-state, ``all`` runs every agent in one worker.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import faust
+
+from infra.kafka import faust_broker_options
+from infra.settings import Settings
+from schemas.topics import ALL_TOPICS, INPUT_TOPICS, ENCODE_REQUESTS, USER_UPDATES
+from streams.encode import EncodeStep, encode_text
+from streams.ingest import STEP as INGEST_STEP
+from streams.ingest import ingest
+from streams.services import Services
+from streams.sinks import Sinks
+from streams.user_state import STEP as USER_STATE_STEP
+from streams.user_state import Tables, UserStateStep, update_user_state
+
+Role = Literal["all", "ingest", "encoder", "recommend"]
+ROLES: tuple[Role, ...] = ("all", "ingest", "encoder", "recommend")
+
+
+@dataclass
+class Topology:
+    """The built app and what it holds, for the worker, the CLI and tests."""
+
+    app: faust.App
+    role: Role
+    services: Services
+    agents: dict[str, Any] = field(default_factory=dict)
+    tables: Tables | None = None
+
+
+def create_app(settings: Settings, role: Role) -> faust.App:
+    """The Faust app: raw bytes on every topic (we validate ourselves), tables in memory."""
+    stream = settings.stream
+    datadir = settings.data_dir / "faust" / role
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        f"{stream.app_id}-{role}" if role != "all" else stream.app_id,
+        **faust_broker_options(settings.kafka),
+        store="memory://",
+        autodiscover=False,
+        topic_partitions=settings.kafka.partitions,
+        topic_replication_factor=settings.kafka.replication_factor,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
+        stream_wait_empty=False,
+        web_enabled=stream.web_port > 0,
+        web_port=stream.web_port or 6066,
+        web_bind=stream.web_host,
+        datadir=str(datadir),
+    )
+
+
+def build_topology(settings: Settings, role: Role, services: Services) -> Topology:
+    """Declare topics, tables and the agents of ``role`` on a new app."""
+    app = create_app(settings, role)
+    topics = {s.name: app.topic(s.name, internal=False) for s in ALL_TOPICS}
+    sinks = Sinks(topics)
+    topo = Topology(app, role, services)
+    batch, wait_s = settings.stream.batch_size, settings.stream.batch_wait_ms / 1000
+
+    if role in ("all", "ingest"):
+        inputs = app.topic(*(s.name for s in INPUT_TOPICS))
+
+        async def validate_input(stream: Any) -> None:
+            await ingest(stream, sinks=sinks, batch_size=batch, batch_wait_s=wait_s)
+
+        topo.agents[INGEST_STEP] = app.agent(inputs, name=INGEST_STEP)(validate_input)
+
+    if role in ("all", "encoder"):
+        enc = settings.encoder
+        step = EncodeStep(
+            encoder=services.encoder(), store=services.store(),
+            items_collection=settings.vectors.items_collection,
+            reviews_collection=settings.vectors.reviews_collection,
+            sinks=sinks, executor=ThreadPoolExecutor(1, thread_name_prefix="encoder"),
+        )
+
+        async def encode_agent(stream: Any) -> None:
+            await encode_text(stream, step=step, batch_size=enc.batch_size,
+                              batch_wait_s=enc.max_wait_ms / 1000)
+
+        topo.agents[EncodeStep.STEP] = app.agent(
+            topics[ENCODE_REQUESTS.name], name=EncodeStep.STEP)(encode_agent)
+
+    if role in ("all", "recommend"):
+        table_schema = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+        tables = Tables(
+            users=app.Table("user-state", default=None, schema=table_schema, use_partitioner=True),
+            covisit=app.Table("covisit", default=None, schema=table_schema, use_partitioner=True),
+            popularity=app.Table("popularity", default=None, schema=table_schema, use_partitioner=True),
+        )
+        user_step = UserStateStep(
+            tables=tables, recommender=services.recommender(), store=services.store(),
+            reviews_collection=settings.vectors.reviews_collection, sinks=sinks,
+            model_version=services.model_version(), max_recent=settings.ranking.recent_items,
+        )
+
+        async def user_state_agent(stream: Any) -> None:
+            await update_user_state(stream, step=user_step, batch_size=batch,
+                                    batch_wait_s=wait_s)
+
+        topo.agents[USER_STATE_STEP] = app.agent(
+            topics[USER_UPDATES.name], name=USER_STATE_STEP)(user_state_agent)
+        topo.tables = tables
+    return topo

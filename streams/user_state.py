@@ -1,0 +1,154 @@
+"""User state: consumes user updates; writes the user, co-visitation and popularity tables and emits
+one fresh recommendation per user per batch (a burst of events yields one list, not ten).
+
+Per batch: updates are grouped by user, each user's state is written once, co-visitation counts once
+per touched item, and all users are ranked with one round of batched vector-store calls.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from infra.vectors import VectorStore
+from models.covisit import add_counts, bump_popularity, covisit_pairs
+from models.ranking import Ranked
+from models.recommender import Recommender, UserRequest, covisit_sources
+from models.state import UserState, apply_interaction, apply_review
+from schemas.events import RecommendationEvent, RecommendedItem, now_ms
+from schemas.internal import UserUpdate
+from schemas.serde import encode
+from schemas.topics import RECOMMENDATIONS
+from streams.sinks import Output, Sinks
+
+STEP = "update-user-state"
+POPULAR_KEY = "__all__"
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Tables:
+    """The tables this step owns (Faust tables in the worker, dicts in unit tests)."""
+
+    users: MutableMapping[str, Any]
+    covisit: MutableMapping[str, Any]
+    popularity: MutableMapping[str, Any]
+
+
+def apply_updates(
+    state: UserState, updates: list[UserUpdate], max_recent: int
+) -> tuple[UserState, list[tuple[str, str]], list[str]]:
+    """Apply one user's updates in order; return the state, co-visit pairs and items touched."""
+    pairs: list[tuple[str, str]] = []
+    touched: list[str] = []
+    for up in updates:
+        if up.kind == "forget":
+            state, pairs, touched = UserState(), [], []
+        elif up.kind == "review_embedded" and up.review_point and up.item_id:
+            apply_review(state, up.review_point, up.item_id, up.review_snippet or "")
+        elif up.kind == "behavior" and up.item_id:
+            before = apply_interaction(state, up.item_id, up.event_type, up.ts, up.value,
+                                       max_recent)
+            pairs.extend(covisit_pairs(before, up.item_id))
+            touched.append(up.item_id)
+    return state, pairs, touched
+
+
+def recommendation_event(
+    user_id: str, trigger: UserUpdate, ranked: list[Ranked], model_version: str
+) -> RecommendationEvent:
+    """The public recommendation record for one user's fresh list."""
+    return RecommendationEvent(
+        user_id=user_id,
+        trigger_event_id=trigger.event_id,
+        model_version=model_version,
+        latency_ms=max(0.0, float(now_ms() - trigger.received_ms)),
+        items=[RecommendedItem(item_id=r.item_id, rank=n, score=r.score, reasons=r.reasons)
+               for n, r in enumerate(ranked, start=1)],
+    )
+
+
+class UserStateStep:
+    """The user-state agent's work for one batch, kept apart from Faust so tests can drive it."""
+
+    def __init__(self, *, tables: Tables, recommender: Recommender, store: VectorStore,
+                 reviews_collection: str, sinks: Sinks, model_version: str,
+                 max_recent: int) -> None:
+        self.tables = tables
+        self.recommender = recommender
+        self.store = store
+        self.reviews = reviews_collection
+        self.sinks = sinks
+        self.model_version = model_version
+        self.max_recent = max_recent
+
+    def run(self, updates: list[UserUpdate]) -> list[RecommendationEvent]:
+        """Update every user in the batch once and emit their fresh lists."""
+        by_user: dict[str, list[UserUpdate]] = defaultdict(list)
+        for up in updates:
+            by_user[up.user_id].append(up)
+        neighbour_counts: dict[str, list[str]] = defaultdict(list)
+        touched_all: list[str] = []
+        requests: list[tuple[UserRequest, UserUpdate]] = []
+        for user_id, ups in by_user.items():
+            if any(u.kind == "forget" for u in ups):
+                self._forget(user_id)
+            state = UserState.from_dict(self.tables.users.get(user_id))
+            state, pairs, touched = apply_updates(state, ups, self.max_recent)
+            for a, b in pairs:
+                neighbour_counts[a].append(b)
+            touched_all.extend(touched)
+            if not state.events and not state.reviews:
+                continue  # forgotten (or nothing to remember): no state, no recommendation
+            self.tables.users[user_id] = state.to_dict()
+            requests.append((UserRequest(user_id, state, {}), ups[-1]))
+        for item, others in neighbour_counts.items():
+            self.tables.covisit[item] = add_counts(self.tables.covisit.get(item), others)
+        popular = self.tables.popularity.get(POPULAR_KEY) or {}
+        if touched_all:
+            popular = bump_popularity(popular, touched_all)
+            self.tables.popularity[POPULAR_KEY] = popular
+        return self._recommend(requests, popular)
+
+    def _forget(self, user_id: str) -> None:
+        self.tables.users.pop(user_id, None)
+        self.store.delete_where(self.reviews, "user_id", user_id)
+        log.info("user_forgotten", step=STEP, user_id=user_id)
+
+    def _recommend(
+        self, requests: list[tuple[UserRequest, UserUpdate]], popular: dict[str, float]
+    ) -> list[RecommendationEvent]:
+        for req, _ in requests:
+            req.neighbours = {
+                src: n for src in covisit_sources(req.state)
+                if (n := self.tables.covisit.get(src))
+            }
+        lists = self.recommender.recommend([r for r, _ in requests], popular)
+        events = []
+        for (req, trigger), ranked in zip(requests, lists, strict=True):
+            if not ranked:  # nothing recommendable yet (e.g. the catalogue is still embedding)
+                log.info("nothing_to_recommend", step=STEP, user_id=req.user_id)
+                continue
+            event = recommendation_event(req.user_id, trigger, ranked, self.model_version)
+            self.sinks.send(Output(RECOMMENDATIONS, req.user_id, encode(event)))
+            events.append(event)
+        return events
+
+
+async def update_user_state(stream: Any, *, step: UserStateStep, batch_size: int,
+                            batch_wait_s: float) -> None:
+    """Batch user updates and hand each batch to :class:`UserStateStep`."""
+    async for events in stream.take_events(batch_size, within=batch_wait_s):
+        updates = []
+        for event in events:
+            try:
+                updates.append(UserUpdate.model_validate_json(event.message.value))
+            except ValidationError as exc:
+                step.sinks.dead(stage=STEP, message=event.message, exc=exc)
+        if updates:
+            step.run(updates)

@@ -1,0 +1,33 @@
+"""Run one Faust worker of a given role in this process until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import structlog
+
+from infra.kafka import provision_topics
+from infra.settings import Settings
+from streams.services import Services
+from streams.topology import Role, build_topology
+
+log = structlog.get_logger(__name__)
+
+
+def run_worker(settings: Settings, role: Role) -> int:
+    """Provision topics, build the role's topology and run it; returns the exit code."""
+    import faust
+
+    provision_topics(settings.kafka)
+    services = Services(settings)
+    topo = build_topology(settings, role, services)
+    log.info("worker_starting", role=role, broker=settings.kafka.bootstrap_servers,
+             agents=sorted(topo.agents))
+    worker = faust.Worker(topo.app, loglevel=settings.log_level.upper(), quiet=True,
+                          override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    finally:
+        services.close()
+        log.info("worker_stopped", role=role)
+    return 0
