@@ -24,7 +24,7 @@ from infra.kafka import consumer_config
 from infra.settings import Settings
 from schemas.eventlog import rows_to_frame, to_row
 from schemas.events import ALL_TYPES, INPUT_TYPES, Event
-from schemas.serde import InvalidEvent, decode_input, parse_object
+from schemas.serde import InvalidEvent, parse_object, validate_object
 from schemas.topics import INPUT_TOPICS, TopicSpec
 
 log = structlog.get_logger(__name__)
@@ -52,16 +52,20 @@ def decode_message(msg: Message) -> Event:
     and its broker timestamp, so archiving the same message twice gives the same row.
     """
     topic, raw = msg.topic() or "", msg.value()
-    obj = parse_object(raw) if raw is not None else None
-    event_type = obj.get("type") if obj is not None else None
-    if obj is None or event_type in INPUT_TYPES or event_type not in ALL_TYPES:
+    if raw is None:
+        raise InvalidEvent("empty", "message has no value")
+    obj = parse_object(raw)
+    event_type = obj.get("type")
+    record = ALL_TYPES.get(event_type) if isinstance(event_type, str) else None
+    if record is None or event_type in INPUT_TYPES:
         defaults: dict[str, Any] = {"event_id": f"{topic}-{msg.partition()}-{msg.offset()}"}
         kind, stamp = msg.timestamp()
         if kind and stamp > 0:
             defaults["ts"] = stamp
-        return decode_input(raw, topic, defaults)
+        filled = {k: v for k, v in defaults.items() if obj.get(k) is None}
+        return validate_object({**filled, **obj}, topic)
     try:
-        return ALL_TYPES[event_type].model_validate(obj)
+        return record.model_validate(obj)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise InvalidEvent("invalid_field", f"{event_type}: {str(exc)[:500]}") from None
 

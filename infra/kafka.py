@@ -137,3 +137,30 @@ def provision_topics(
     if created:
         log.info("topics_created", topics=created, partitions=kafka.partitions)
     return created
+
+
+def group_progress(
+    kafka: KafkaSettings, group_id: str, topic: str, timeout_s: float = 5.0
+) -> tuple[int, int]:
+    """(offsets ``group_id`` has committed on ``topic``, end offsets of ``topic``), summed."""
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(confluent_config(kafka))
+    meta = admin.list_topics(topic, timeout=timeout_s).topics[topic]
+    parts = [TopicPartition(topic, p) for p in meta.partitions]
+    request = [ConsumerGroupTopicPartitions(group_id, parts)]
+    committed = admin.list_consumer_group_offsets(request)[group_id].result(timeout=timeout_s)
+    done = sum(max(tp.offset, 0) for tp in committed.topic_partitions)
+    probe = Consumer(confluent_config(kafka, **{"group.id": f"{group_id}-lag-probe"}))
+    try:
+        end = sum(probe.get_watermark_offsets(tp, timeout=timeout_s)[1] for tp in parts)
+    finally:
+        probe.close()
+    return done, end
+
+
+def consumer_lag(kafka: KafkaSettings, group_id: str, topic: str, timeout_s: float = 5.0) -> int:
+    """Messages on ``topic`` that consumer group ``group_id`` has not committed yet."""
+    done, end = group_progress(kafka, group_id, topic, timeout_s)
+    return max(end - done, 0)

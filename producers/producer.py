@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
-from infra.kafka import confluent_config
+from infra.kafka import producer_config
 from infra.settings import Settings
 from schemas.events import Event
 from schemas.serde import encode, validate_object
@@ -36,7 +36,9 @@ class BehaviorProducer:
         self.source = source
         self.delivered = 0
         self.failed = 0
-        conf = confluent_config(
+        # producer_config hashes keys like the Java client (murmur2), so events land on the
+        # partitions Faust's tables expect.
+        conf = producer_config(
             settings.kafka,
             **{
                 "enable.idempotence": True,

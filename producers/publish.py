@@ -311,8 +311,30 @@ def publish_file(
     report = PublishReport()
     rows = read_events(path, fmt, on_error=lambda row, why: console.rejected(report, row, why))
     wait_for_broker(settings.kafka)
-    producer = BehaviorProducer(settings)
     started = time.monotonic()
+    producer = BehaviorProducer(settings)
+    try:
+        _send_all(producer, rows, report, console, started)
+    finally:
+        undelivered = producer.close()
+    report.failed = max(producer.failed, undelivered)
+    report.seconds = time.monotonic() - started
+    if report.sent + report.rejected == 0:
+        raise PublishError(f"{path.name} has no events")
+    if report.rejected > _MAX_PRINTED_REJECTIONS:
+        console.line(f"... and {report.rejected - _MAX_PRINTED_REJECTIONS:,} more rejected rows")
+    console.tick(report, started, final=True)
+    return report
+
+
+def _send_all(
+    producer: BehaviorProducer,
+    rows: Iterator[tuple[int, dict[str, Any]]],
+    report: PublishReport,
+    console: _Console,
+    started: float,
+) -> None:
+    """Validate and send each row, counting it as sent (per topic) or rejected."""
     for row, obj in rows:
         try:
             event = producer.send_dict(obj)
@@ -323,12 +345,3 @@ def publish_file(
         topic = topic_for_type(event.type).name
         report.by_topic[topic] = report.by_topic.get(topic, 0) + 1
         console.tick(report, started)
-    undelivered = producer.close()
-    report.failed = max(producer.failed, undelivered)
-    report.seconds = time.monotonic() - started
-    if report.sent + report.rejected == 0:
-        raise PublishError(f"{path.name} has no events")
-    if report.rejected > _MAX_PRINTED_REJECTIONS:
-        console.line(f"... and {report.rejected - _MAX_PRINTED_REJECTIONS:,} more rejected rows")
-    console.tick(report, started, final=True)
-    return report

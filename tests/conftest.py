@@ -30,3 +30,126 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     )
     provision_topics(built.kafka)
     return built
+
+
+class Stack:
+    """A real worker (role all) in a subprocess against the test's broker, plus read/write helpers."""
+
+    GROUP = "recstream"  # the worker's consumer group (its Faust app id)
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+        from infra.kafka import confluent_config, producer_config
+        from schemas.topics import DEAD_LETTER, RECOMMENDATIONS
+
+        self._json = json
+        self.settings = settings
+        self.log_path = workdir / "worker.log"
+        env = {
+            **os.environ,
+            "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "RECSTREAM_KAFKA__PARTITIONS": str(settings.kafka.partitions),
+            "RECSTREAM_DATA_DIR": str(settings.data_dir),
+            "RECSTREAM_STREAM__WEB_PORT": "0",
+            "RECSTREAM_DEVICE": "cpu",
+        }
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "infra.cli", "worker", "--role", "all"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.producer = Producer(producer_config(settings.kafka))
+        self.reader = Consumer(confluent_config(settings.kafka, **{
+            "group.id": "test-reader", "enable.auto.commit": False}))
+        self.reader.assign([TopicPartition(t.name, p, OFFSET_BEGINNING)
+                            for t in (RECOMMENDATIONS, DEAD_LETTER)
+                            for p in range(settings.kafka.partitions)])
+        self.recommendations: list[dict] = []
+        self.dead_letters: list[dict] = []
+
+    def publish(self, *events: dict) -> None:
+        """Send event dicts to their topics, keyed as producers key them."""
+        from schemas.topics import topic_for_type
+
+        for event in events:
+            spec = topic_for_type(event["type"])
+            self.publish_raw(spec.name, event[spec.key], self._json.dumps(event).encode())
+
+    def publish_raw(self, topic: str, key: str, value: bytes) -> None:
+        self.producer.produce(topic, key=key.encode(), value=value)
+        assert self.producer.flush(10) == 0
+
+    def wait_committed(self, topic: str, count: int, timeout_s: float = 120.0) -> None:
+        """Block until the worker has committed ``count`` messages of ``topic``."""
+        import time
+
+        from infra.kafka import group_progress
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            try:
+                done, _ = group_progress(self.settings.kafka, self.GROUP, topic)
+            except Exception:  # noqa: BLE001 - the group may not exist yet; keep polling
+                done = 0
+            if done >= count:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"worker committed fewer than {count} of {topic}; log:\n{self.log()}")
+
+    def _drain(self, timeout_s: float) -> None:
+        message = self.reader.poll(timeout_s)
+        while message is not None:
+            if not message.error():
+                body = self._json.loads(message.value())
+                target = (self.dead_letters if body["type"] == "dead_letter"
+                          else self.recommendations)
+                target.append(body)
+            message = self.reader.poll(0)
+
+    def wait_for(self, predicate, what: str, timeout_s: float = 90.0) -> dict:
+        """The first recommendation or dead letter satisfying ``predicate``."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for body in self.recommendations + self.dead_letters:
+                if predicate(body):
+                    return body
+            self.assert_alive()
+            self._drain(0.5)
+        raise AssertionError(f"no {what} within {timeout_s} s; log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def assert_alive(self) -> None:
+        assert self.proc.poll() is None, f"worker exited:\n{self.log()}"
+
+    def stop(self) -> None:
+        """Stop the worker by pid: SIGTERM, then SIGKILL."""
+        import subprocess
+
+        self.reader.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def stack(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
+    """A running worker against a fresh broker; stopped when the test ends."""
+    running = Stack(settings, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
