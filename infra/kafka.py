@@ -6,6 +6,7 @@ through :func:`faust_broker_options`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +18,11 @@ from schemas.topics import ALL_TOPICS, TopicSpec
 log = structlog.get_logger(__name__)
 
 
+#: librdkafka's own log lines go here; :func:`infra.logs.configure_logging` keeps it quiet
+#: unless the log level is debug (connection failures surface as our own one-line errors).
+RDKAFKA_LOGGER = logging.getLogger("recstream.librdkafka")
+
+
 class BrokerUnreachable(RuntimeError):
     """No broker answered at the configured address."""
 
@@ -26,6 +32,7 @@ def confluent_config(kafka: KafkaSettings, **extra: Any) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap_servers,
         "security.protocol": kafka.security_protocol,
+        "logger": RDKAFKA_LOGGER,
     }
     if kafka.sasl_mechanism:
         conf["sasl.mechanism"] = kafka.sasl_mechanism
@@ -61,6 +68,7 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **extra: Any) -> dict[s
         **{
             "group.id": group_id,
             "session.timeout.ms": kafka.session_timeout_ms,
+            "fetch.wait.max.ms": kafka.fetch_max_wait_ms,
             "auto.offset.reset": "earliest",
             **extra,
         },

@@ -12,6 +12,9 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
     """Route structlog (and stdlib logging, which Faust and Kafka clients use) to stderr."""
     numeric = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s")
+    logging.getLogger("recstream.librdkafka").setLevel(
+        logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL
+    )
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )

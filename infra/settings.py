@@ -35,6 +35,9 @@ class KafkaSettings(BaseModel):
     replication_factor: int = Field(default=1, ge=1, le=16)
     # librdkafka's default session timeout makes group joins take ~23 s on the embedded broker.
     session_timeout_ms: int = Field(default=6000, ge=1000)
+    # The embedded broker holds an empty fetch for the whole wait, so keep it short there;
+    # Apache Kafka answers as soon as data arrives, so a larger value (e.g. 500) costs nothing.
+    fetch_max_wait_ms: int = Field(default=20, ge=1, le=10_000)
 
 
 class VectorSettings(BaseModel):
@@ -44,6 +47,7 @@ class VectorSettings(BaseModel):
 
     url: str | None = None
     api_key: SecretStr | None = None
+    dim: int = Field(default=384, ge=2, le=8192, description="must match the encoder's width")
     items_collection: str = "items"
     reviews_collection: str = "reviews"
 

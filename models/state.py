@@ -145,41 +145,43 @@ def _unit(vec: np.ndarray) -> np.ndarray:
     return vec / norm if norm > 0 else vec
 
 
+Weight = np.ndarray | float
+
+
+def _apply(vec: np.ndarray, weight: Weight) -> np.ndarray:
+    return vec * weight if np.ndim(weight) == 0 else vec @ weight
+
+
 @dataclass(frozen=True)
 class Fusion:
-    """f(x, z) = x W1 + z W2; untrained, W1 = a I and W2 = (1 - a) I (a weighted mean)."""
+    """f(x, z) = x W1 + z W2. Untrained, W1 = a and W2 = 1 - a (scalars): a weighted mean.
 
-    w1: np.ndarray
-    w2: np.ndarray
+    Trained weights are ``(dim, dim)`` matrices; the untrained ones fit any embedding width.
+    """
+
+    w1: Weight
+    w2: Weight
     version: str = "untrained"
 
     @classmethod
-    def untrained(cls, dim: int, behaviour_weight: float) -> Fusion:
-        eye = np.eye(dim, dtype=np.float32)
-        return cls(eye * behaviour_weight, eye * (1.0 - behaviour_weight))
+    def untrained(cls, behaviour_weight: float) -> Fusion:
+        return cls(float(behaviour_weight), float(1.0 - behaviour_weight))
 
     @classmethod
     def load(cls, path: Path) -> Fusion:
         data = np.load(path)
-        return cls(data["w1"].astype(np.float32), data["w2"].astype(np.float32),
-                   str(data["version"]) if "version" in data else path.stem)
+        version = str(data["version"]) if "version" in data else path.stem
+        return cls(data["w1"].astype(np.float32), data["w2"].astype(np.float32), version)
 
     def save(self, path: Path) -> None:
-        np.savez(path, w1=self.w1, w2=self.w2, version=np.array(self.version))
+        np.savez(path, w1=np.asarray(self.w1), w2=np.asarray(self.w2), version=np.array(self.version))
 
     def query(self, x: np.ndarray | None, z: np.ndarray | None) -> np.ndarray | None:
-        """The unit query vector; a missing part contributes nothing (the other is used alone)."""
-        if x is None and z is None:
+        """The unit query vector; a missing part contributes nothing."""
+        parts = [_apply(v, w) for v, w in ((x, self.w1), (z, self.w2)) if v is not None]
+        if not parts:
             return None
-        if z is None:
-            return _unit(np.asarray(x @ self.w1 if self._trained else x, dtype=np.float32))
-        if x is None:
-            return _unit(np.asarray(z @ self.w2 if self._trained else z, dtype=np.float32))
-        return _unit((x @ self.w1 + z @ self.w2).astype(np.float32))
-
-    @property
-    def _trained(self) -> bool:
-        return self.version != "untrained"
+        return _unit(np.asarray(sum(parts), dtype=np.float32))
 
 
 def history_keys(states: Sequence[UserState]) -> tuple[list[str], list[str]]:

@@ -40,7 +40,9 @@ def new_event_id() -> str:
 class Event(BaseModel):
     """The envelope every event carries."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+    # Unknown fields are ignored, not rejected: a producer may add a field before every reader
+    # knows it (the contract grows by adding fields).
+    model_config = ConfigDict(frozen=True, extra="ignore")
     topic_name: ClassVar[str] = ""
 
     event_id: Id = Field(default_factory=new_event_id)
@@ -132,7 +134,7 @@ class ForgetUserEvent(Event):
 class RecommendedItem(BaseModel):
     """One ranked item of a recommendation, with why it is there."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     item_id: Id
     rank: int = Field(ge=1)
@@ -147,7 +149,9 @@ class RecommendationEvent(Event):
     user_id: Id
     trigger_event_id: Id
     model_version: str
-    latency_ms: float = Field(ge=0.0, description="trigger event time to emission, ms")
+    latency_ms: float = Field(
+        ge=0.0, description="ms from the broker receiving the triggering input to this list's emission"
+    )
     items: list[RecommendedItem]
 
 

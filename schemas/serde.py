@@ -80,7 +80,7 @@ def decode_input(
         raise InvalidEvent("empty", "message has no value")
     obj = parse_object(raw)
     if defaults:
-        obj = {**{k: v for k, v in defaults.items() if obj.get(k) is None}, **obj}
+        obj = {**obj, **{k: v for k, v in defaults.items() if obj.get(k) is None}}
     return validate_object(obj, topic)
 
 

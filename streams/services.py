@@ -10,13 +10,9 @@ from functools import cached_property
 
 from infra.settings import Settings
 from infra.vectors import VectorStore, open_vector_store
-from models.encoder import TextEncoder
+from models.encoder import EncoderLoadError, TextEncoder
 from models.recommender import Recommender
 from models.state import Fusion
-
-#: Embedding width of the vector collections when no encoder is loaded in this process.
-DEFAULT_DIM = 384
-
 
 class Services:
     """Lazily built, shared by the agents of one worker process."""
@@ -36,7 +32,12 @@ class Services:
     @cached_property
     def _store(self) -> VectorStore:
         store = open_vector_store(self.settings)
-        dim = self._encoder.dim if "_encoder" in self.__dict__ else DEFAULT_DIM
+        dim = self.settings.vectors.dim
+        if "_encoder" in self.__dict__ and self._encoder.dim != dim:
+            raise EncoderLoadError(
+                f"the encoder makes {self._encoder.dim}-d vectors but the vector store is set to "
+                f"{dim}-d; set RECSTREAM_VECTORS__DIM={self._encoder.dim}"
+            )
         for name in (self.settings.vectors.items_collection,
                      self.settings.vectors.reviews_collection):
             store.ensure_collection(name, dim)
@@ -49,7 +50,7 @@ class Services:
     def _recommender(self) -> Recommender:
         s = self.settings
         return Recommender(
-            self.store(), s.ranking, Fusion.untrained(DEFAULT_DIM, s.ranking.behaviour_weight),
+            self.store(), s.ranking, Fusion.untrained(s.ranking.behaviour_weight),
             s.vectors.items_collection, s.vectors.reviews_collection,
         )
 

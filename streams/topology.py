@@ -27,6 +27,7 @@ from streams.ingest import STEP as INGEST_STEP
 from streams.ingest import ingest
 from streams.services import Services
 from streams.sinks import Sinks
+from streams.transport import TunedApp
 from streams.user_state import STEP as USER_STATE_STEP
 from streams.user_state import Tables, UserStateStep, update_user_state
 
@@ -50,8 +51,9 @@ def create_app(settings: Settings, role: Role) -> faust.App:
     stream = settings.stream
     datadir = settings.data_dir / "faust" / role
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    return TunedApp(
         f"{stream.app_id}-{role}" if role != "all" else stream.app_id,
+        fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
         **faust_broker_options(settings.kafka),
         store="memory://",
         autodiscover=False,

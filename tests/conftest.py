@@ -45,7 +45,7 @@ class Stack:
 
         from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-        from infra.kafka import confluent_config, producer_config
+        from infra.kafka import consumer_config, producer_config
         from schemas.topics import DEAD_LETTER, RECOMMENDATIONS
 
         self._json = json
@@ -65,8 +65,9 @@ class Stack:
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )
         self.producer = Producer(producer_config(settings.kafka))
-        self.reader = Consumer(confluent_config(settings.kafka, **{
-            "group.id": "test-reader", "enable.auto.commit": False}))
+        self.reader = Consumer(
+            consumer_config(settings.kafka, "test-reader", **{"enable.auto.commit": False})
+        )
         self.reader.assign([TopicPartition(t.name, p, OFFSET_BEGINNING)
                             for t in (RECOMMENDATIONS, DEAD_LETTER)
                             for p in range(settings.kafka.partitions)])

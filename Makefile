@@ -1,0 +1,42 @@
+# One entry point for everything: `make demo`, `make test`, `make lint`.
+# The first target that needs it creates .venv and installs recstream with everything it needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install demo up test test-fast lint check bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[worker,dev]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## embedded broker + worker + demo catalogue + simulated users, live (Ctrl-C stops)
+	$(BIN)/recstream demo
+
+up: $(STAMP)  ## embedded broker + topics + worker on 127.0.0.1:9092
+	$(BIN)/recstream up
+
+test: $(STAMP)  ## every test: unit, vector-store congruence, encoder, end to end on the embedded stack
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## everything but the end-to-end stack tests
+	$(BIN)/python -m pytest -m "not stack"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+check: lint test
+
+bench: $(STAMP)  ## event-to-recommendation latency on the embedded stack
+	mkdir -p bench-out
+	$(BIN)/python benchmarks/latency.py --json bench-out/latency.json
+
+clean:
+	rm -rf $(VENV) .data bench-out .pytest_cache .mypy_cache .ruff_cache
