@@ -74,13 +74,19 @@ class EmbeddedBroker:
         if _port_open(self.host, self.port):
             raise BrokerStartError(f"port {self.port} on {self.host} is already in use")
         url = f"tcp://{self.host}:{self.port}"
-        cmd = [broker_binary(), "broker", "--listener-url", url,
-               "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        cmd = [
+            broker_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        if out is not subprocess.DEVNULL:
-            out.close()
+        with open(self.log_file or os.devnull, "ab") as out:  # the child keeps its own handle
+            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -91,7 +97,9 @@ class EmbeddedBroker:
                 return self
             time.sleep(0.05)
         self.stop()
-        raise BrokerStartError(f"broker did not answer on {self.bootstrap_servers} in {timeout_s} s")
+        raise BrokerStartError(
+            f"broker did not answer on {self.bootstrap_servers} in {timeout_s} s"
+        )
 
     def _answers(self) -> bool:
         from confluent_kafka import KafkaException

@@ -1,8 +1,8 @@
 """The ``recstream`` command: parses arguments and hands each command to the package that owns it.
 
 Commands are imported only when run, so ``recstream publish`` or ``tail`` on a client-only install
-never imports torch, transformers or faust. Any error a user can cause ends in one line on stderr and
-a non-zero exit, never a traceback.
+never imports torch, transformers or faust. Any error a user can cause ends in one line on stderr
+and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def _speed(value: str) -> float | None:
     try:
         speed = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"speed must be a number or 'max', not {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"speed must be a number or 'max', not {value!r}"
+        ) from None
     if speed <= 0:
         raise argparse.ArgumentTypeError("speed must be positive")
     return speed
@@ -73,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="`up` + demo catalogue + simulated users + live view")
     demo.add_argument("--data-dir", type=Path)
     demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
-    demo.add_argument("--duration", type=_positive, default=None,
-                      help="stop after this many seconds (default: run until Ctrl-C)")
+    demo.add_argument(
+        "--duration",
+        type=_positive,
+        default=None,
+        help="stop after this many seconds (default: run until Ctrl-C)",
+    )
     demo.add_argument("--rate", type=_positive, default=2.0, help="simulated events per second")
     demo.set_defaults(run=_handler("streams.demo:cli_demo"))
 
@@ -97,12 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     archive = sub.add_parser("archive", help="topics -> rolling Parquet event log")
     archive.add_argument("--out", type=Path, required=True)
     archive.add_argument("--topics", default=None, help="comma-separated topic names")
-    archive.add_argument("--idle-timeout", type=_positive, default=None,
-                         help="stop after this many seconds without a message")
+    archive.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        default=None,
+        help="stop after this many seconds without a message",
+    )
     archive.set_defaults(run=_handler("consumers.cli:cli_archive"))
 
     schemas = sub.add_parser("schemas", help="event contracts")
-    schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True, parser_class=_Parser)
+    schemas_sub = schemas.add_subparsers(
+        dest="schemas_command", required=True, parser_class=_Parser
+    )
     export = schemas_sub.add_parser("export", help="write the JSON Schema of every event type")
     export.add_argument("dir", type=Path)
     export.set_defaults(run=_cli_schemas_export)
@@ -136,10 +148,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from infra.kafka import BrokerUnreachable
 
     errors: list[type[BaseException]] = [
-        UserError, BrokerStartError, BrokerUnreachable, FileNotFoundError, ValidationError,
+        UserError,
+        BrokerStartError,
+        BrokerUnreachable,
+        FileNotFoundError,
+        ValidationError,
     ]
-    for module, name in (("producers.publish", "PublishError"),
-                         ("models.encoder", "EncoderLoadError")):
+    for module, name in (
+        ("producers.publish", "PublishError"),
+        ("models.encoder", "EncoderLoadError"),
+    ):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except ImportError:  # that part is not installed; its errors cannot occur either
@@ -154,7 +172,7 @@ def _one_line(exc: BaseException) -> str:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"])
         return f"invalid setting {where}: {err['msg']}"
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,4 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so the error classes that command modules raise
+    # (infra.cli.UserError) are the ones it catches, not copies defined in __main__.
+    from infra.cli import main as entry
+
+    sys.exit(entry())

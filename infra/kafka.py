@@ -135,7 +135,7 @@ def provision_topics(
         if s.name not in existing
     ]
     created = []
-    for name, future in (admin.create_topics(wanted).items() if wanted else []):
+    for name, future in admin.create_topics(wanted).items() if wanted else []:
         try:
             future.result(timeout=timeout_s)
             created.append(name)

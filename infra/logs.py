@@ -11,7 +11,9 @@ import structlog
 def configure_logging(level: str = "info", json: bool = False) -> None:
     """Route structlog (and stdlib logging, which Faust and Kafka clients use) to stderr."""
     numeric = getattr(logging, level.upper(), logging.INFO)
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s"
+    )
     logging.getLogger("recstream.librdkafka").setLevel(
         logging.DEBUG if numeric <= logging.DEBUG else logging.CRITICAL
     )

@@ -132,8 +132,10 @@ class Settings(BaseSettings):
             if value is None:
                 continue
             nested = data.get(section)
-            nested = dict(nested) if isinstance(nested, dict) else (
-                nested.model_dump() if isinstance(nested, BaseModel) else {}
+            nested = (
+                dict(nested)
+                if isinstance(nested, dict)
+                else (nested.model_dump() if isinstance(nested, BaseModel) else {})
             )
             nested[field] = value
             data[section] = nested

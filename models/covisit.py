@@ -14,8 +14,10 @@ DEFAULT_WINDOW = 3
 DEFAULT_CAP = 100
 
 
-def covisit_pairs(before: Sequence[str], item: str, window: int = DEFAULT_WINDOW) -> list[tuple[str, str]]:
-    """Ordered pairs (a, b) and (b, a) for ``item`` and each of the last ``window`` distinct earlier items."""
+def covisit_pairs(
+    before: Sequence[str], item: str, window: int = DEFAULT_WINDOW
+) -> list[tuple[str, str]]:
+    """Pairs (a, b) and (b, a) of ``item`` with each of the ``window`` latest distinct items."""
     pairs: list[tuple[str, str]] = []
     seen: set[str] = {item}
     for prev in reversed(before):
@@ -28,7 +30,9 @@ def covisit_pairs(before: Sequence[str], item: str, window: int = DEFAULT_WINDOW
     return pairs
 
 
-def add_counts(neigh: Mapping[str, float] | None, others: Iterable[str], cap: int = DEFAULT_CAP) -> Neighbours:
+def add_counts(
+    neigh: Mapping[str, float] | None, others: Iterable[str], cap: int = DEFAULT_CAP
+) -> Neighbours:
     """A neighbour map with one more count for each of ``others``, trimmed to ``cap`` entries."""
     out: Neighbours = dict(neigh or {})
     for other in others:

@@ -109,8 +109,11 @@ class TextEncoder:
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        with torch.inference_mode(), torch.autocast(
-            device_type=self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                device_type=self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"
+            ),
         ):
             hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -69,7 +69,8 @@ def _base_scores(inp: RankInput, items: Mapping[str, ItemInfo], w: Weights) -> d
         if sim is None:
             sim = float(info.vector @ inp.query) if inp.query is not None else 0.0
         scores[item_id] = (
-            sim + w.covisit * inp.covisit.get(item_id, 0.0)
+            sim
+            + w.covisit * inp.covisit.get(item_id, 0.0)
             + POPULARITY_WEIGHT * inp.popular.get(item_id, 0.0)
         )
     return scores
@@ -105,8 +106,10 @@ def explain(
     """Human-readable reasons, strongest first: history item, review, co-visitation, popularity."""
     found: list[tuple[float, str]] = []
     kinds: dict[str, str] = {}
-    for inter in inp.history:  # the strongest kind per item wins the verb
-        if inter.weight >= 0 and (inter.item_id not in kinds or inter.kind in ("purchase", "review")):
+    strongest: dict[str, float] = {}
+    for inter in inp.history:  # the strongest interaction per item gives the verb
+        if inter.weight > strongest.get(inter.item_id, 0.0):
+            strongest[inter.item_id] = inter.weight
             kinds[inter.item_id] = inter.kind
     best_hist = max(
         ((float(item.vector @ items[h].vector), h) for h in kinds if h in items),
@@ -144,5 +147,6 @@ def rank(
     scores = _base_scores(inp, items, weights)
     picked = mmr_select(scores, items, k, weights.mmr_lambda)
     return [
-        Ranked(i, round(scores[i], 6), explain(items[i], inp, items, review_vectors)) for i in picked
+        Ranked(i, round(scores[i], 6), explain(items[i], inp, items, review_vectors))
+        for i in picked
     ]

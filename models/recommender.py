@@ -43,8 +43,9 @@ def _info(point: VectorPoint) -> ItemInfo | None:
     if point.vector is None:
         return None
     p = point.payload
-    return ItemInfo(point.key, point.vector, str(p.get("title") or point.key),
-                    bool(p.get("available", True)))
+    return ItemInfo(
+        point.key, point.vector, str(p.get("title") or point.key), bool(p.get("available", True))
+    )
 
 
 class Recommender:
@@ -98,9 +99,20 @@ class Recommender:
         items.update(self._items([i for i in wanted if i not in items]))
         return [
             rank(
-                RankInput(q, r.state.recent, r.state.reviews,
-                          r.state.exclusions(self.cfg.exclude_seen), sim, cs, src, pop),
-                items, review_vecs, self.cfg.k, self.weights,
+                RankInput(
+                    q,
+                    r.state.recent,
+                    r.state.reviews,
+                    r.state.exclusions(self.cfg.exclude_seen),
+                    sim,
+                    cs,
+                    src,
+                    pop,
+                ),
+                items,
+                review_vecs,
+                self.cfg.k,
+                self.weights,
             )
             for q, r, sim, (cs, src) in zip(queries, requests, similar, covisits, strict=True)
         ]

@@ -96,7 +96,7 @@ class UserState:
 
 
 def apply_interaction(
-    state: UserState, item_id: str, kind: str, ts: int, value: float | None, max_recent: int
+    state: UserState, item_id: str, kind: str, ts: int, value: float | None, *, max_recent: int
 ) -> list[str]:
     """Record one behaviour event; return the user's earlier recent items (for co-visitation)."""
     before = [i.item_id for i in state.recent]
@@ -174,7 +174,9 @@ class Fusion:
         return cls(data["w1"].astype(np.float32), data["w2"].astype(np.float32), version)
 
     def save(self, path: Path) -> None:
-        np.savez(path, w1=np.asarray(self.w1), w2=np.asarray(self.w2), version=np.array(self.version))
+        np.savez(
+            path, w1=np.asarray(self.w1), w2=np.asarray(self.w2), version=np.array(self.version)
+        )
 
     def query(self, x: np.ndarray | None, z: np.ndarray | None) -> np.ndarray | None:
         """The unit query vector; a missing part contributes nothing."""

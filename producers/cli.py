@@ -14,6 +14,8 @@ def cli_publish(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
     report = publish_file(settings, args.file, args.format, progress=sys.stderr.isatty())
     topics = ", ".join(f"{name}: {n:,}" for name, n in sorted(report.by_topic.items()))
-    print(f"published {report.sent:,} events in {report.seconds:.1f} s ({topics}); "
-          f"rejected {report.rejected:,}; undelivered {report.failed:,}")
+    print(
+        f"published {report.sent:,} events in {report.seconds:.1f} s ({topics}); "
+        f"rejected {report.rejected:,}; undelivered {report.failed:,}"
+    )
     return 1 if report.rejected or report.failed else 0

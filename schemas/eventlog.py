@@ -1,8 +1,8 @@
 """The event-log schema: how events are stored in Parquet (archive writes it, replay reads it).
 
 One row per event: the envelope, every per-type field (null where a type has none), and where the
-event came from. Item ``attributes`` and recommendation ``items`` are stored as JSON text so that the
-schema stays flat and stable as records gain fields.
+event came from. Item ``attributes`` and recommendation ``items`` are stored as JSON text so that
+the schema stays flat and stable as records gain fields.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from schemas.events import ALL_TYPES, Event
+from schemas.events import ALL_TYPES, DeadLetter, Event
 
 EVENT_LOG_SCHEMA: dict[str, Any] = {
     "event_id": pl.String,
@@ -30,11 +30,24 @@ EVENT_LOG_SCHEMA: dict[str, Any] = {
     "attributes": pl.String,
     "available": pl.Boolean,
     "items": pl.String,
+    "trigger_event_id": pl.String,
+    "model_version": pl.String,
+    "latency_ms": pl.Float64,
+    "stage": pl.String,
+    "error_type": pl.String,
+    "error": pl.String,
+    "payload_b64": pl.String,
+    "dl_topic": pl.String,
+    "dl_partition": pl.Int32,
+    "dl_offset": pl.Int64,
     "topic": pl.String,
     "partition": pl.Int32,
     "offset": pl.Int64,
 }
 _JSON_COLUMNS = ("attributes", "items")
+#: A dead letter's own topic/partition/offset name the rejected input; in the log they get their
+#: own columns so that ``topic``/``partition``/``offset`` always say where the row was read from.
+_RENAMED = {"topic": "dl_topic", "partition": "dl_partition", "offset": "dl_offset"}
 
 
 def to_row(
@@ -42,8 +55,10 @@ def to_row(
 ) -> dict[str, Any]:
     """One event as an event-log row (every schema column present)."""
     data = event.model_dump(mode="json", exclude_none=True)
+    renames = _RENAMED if isinstance(event, DeadLetter) else {}
     row: dict[str, Any] = dict.fromkeys(EVENT_LOG_SCHEMA)
-    for name, value in data.items():
+    for field, value in data.items():
+        name = renames.get(field, field)
         if name in row:
             row[name] = json.dumps(value, sort_keys=True) if name in _JSON_COLUMNS else value
     row.update(topic=topic, partition=partition, offset=offset)
@@ -58,9 +73,10 @@ def rows_to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
 def from_row(row: dict[str, Any]) -> Event:
     """An event-log row back to its event record (unknown columns and nulls ignored)."""
     record = ALL_TYPES[row["type"]]
+    renames = _RENAMED if record is DeadLetter else {}
     data = {}
     for name in record.model_fields:
-        value = row.get(name)
+        value = row.get(renames.get(name, name))
         if value is None:
             continue
         data[name] = json.loads(value) if name in _JSON_COLUMNS else value

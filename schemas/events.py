@@ -46,7 +46,11 @@ class Event(BaseModel):
     topic_name: ClassVar[str] = ""
 
     event_id: Id = Field(default_factory=new_event_id)
-    ts: int = Field(default_factory=now_ms, description="event time, ms since the epoch")
+    ts: int = Field(
+        default_factory=now_ms,
+        description="event time, ms since the epoch; from 1990-01-01 to a day after now",
+        json_schema_extra={"minimum": MIN_TS_MS},
+    )
     type: str
     source: str | None = Field(default=None, max_length=MAX_ID_CHARS)
 
@@ -68,7 +72,11 @@ class BehaviorEvent(Event):
     type: Literal["view", "click", "add_to_cart", "purchase", "rating"]
     user_id: Id
     item_id: Id
-    value: float | None = Field(default=None, description="the rating, 0..5; only for rating")
+    value: float | None = Field(
+        default=None,
+        description="the rating, 0..5; required for type rating",
+        json_schema_extra={"minimum": 0, "maximum": MAX_RATING},
+    )
 
     @field_validator("value")
     @classmethod
@@ -150,7 +158,8 @@ class RecommendationEvent(Event):
     trigger_event_id: Id
     model_version: str
     latency_ms: float = Field(
-        ge=0.0, description="ms from the broker receiving the triggering input to this list's emission"
+        ge=0.0,
+        description="ms from the broker receiving the triggering input to this list's emission",
     )
     items: list[RecommendedItem]
 

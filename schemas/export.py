@@ -26,8 +26,13 @@ def export_json_schemas(out_dir: Path) -> list[Path]:
         path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
         written.append(path)
     topics = [
-        {"name": t.name, "key": t.key, "cleanup.policy": t.cleanup, "internal": t.internal,
-         "description": t.description}
+        {
+            "name": t.name,
+            "key": t.key,
+            "cleanup.policy": t.cleanup,
+            "internal": t.internal,
+            "description": t.description,
+        }
         for t in ALL_TOPICS
     ]
     path = out_dir / "topics.json"

@@ -1,7 +1,7 @@
 """Bytes <-> events: decoding with clear reasons, encoding, and dead letters.
 
-Decoding never raises anything but :class:`InvalidEvent`, whose ``error_type`` and message go into the
-dead letter verbatim.
+Decoding never raises anything but :class:`InvalidEvent`, whose ``error_type`` and message go into
+the dead letter verbatim.
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidEvent("not_utf8", f"event is not UTF-8: {exc.reason} at byte {exc.start}") from None
+        raise InvalidEvent(
+            "not_utf8", f"event is not UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidEvent("bad_json", f"event is not JSON: {exc.msg} at char {exc.pos}") from None
+    except (ValueError, RecursionError) as exc:  # over-long integers, absurd nesting
+        raise InvalidEvent("bad_json", f"event is not usable JSON: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise InvalidEvent("not_object", f"event is a JSON {type(obj).__name__}, not an object")
     return obj
@@ -60,10 +64,14 @@ def validate_object(obj: dict[str, Any], topic: str | None = None) -> Event:
     record = INPUT_TYPES.get(event_type)
     if record is None:
         known = ", ".join(sorted(INPUT_TYPES))
-        raise InvalidEvent("unknown_type", f"unknown event type {event_type!r}; expected one of {known}")
+        raise InvalidEvent(
+            "unknown_type", f"unknown event type {event_type!r}; expected one of {known}"
+        )
     expected = topic_for_type(event_type).name
     if topic is not None and topic != expected:
-        raise InvalidEvent("wrong_topic", f"a {event_type!r} event belongs on {expected}, not {topic}")
+        raise InvalidEvent(
+            "wrong_topic", f"a {event_type!r} event belongs on {expected}, not {topic}"
+        )
     try:
         return record.model_validate(obj)
     except ValidationError as exc:

@@ -9,6 +9,7 @@ tastes and redraws each user's latest recommendations (with reasons) as they arr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import subprocess
@@ -52,30 +53,46 @@ class View:
             if rec is None:
                 lines.append("    (waiting for a first list)")
             else:
-                lines.append(f"    list after event {rec.trigger_event_id[:12]}, "
-                             f"{rec.latency_ms:.0f} ms after it was published")
+                lines.append(
+                    f"    list after event {rec.trigger_event_id[:12]}, "
+                    f"{rec.latency_ms:.0f} ms after it was published"
+                )
                 for item in rec.items[:SHOWN]:
                     title = self.titles.get(item.item_id, item.item_id)
-                    lines.append(f"    {item.rank:>2}. {item.item_id:<11} {title[:38]:<38} "
-                                 f"— {item.reasons[0]}")
+                    lines.append(
+                        f"    {item.rank:>2}. {item.item_id:<11} {title[:38]:<38} "
+                        f"— {item.reasons[0]}"
+                    )
             lines.append("")
         lines.append("recent events: " + "; ".join(self.events[-4:]))
         return "\n".join(lines)
 
 
 def _start_worker(settings: Settings, bootstrap: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-           "RECSTREAM_DATA_DIR": str(settings.data_dir)}
+    env = {
+        **os.environ,
+        "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "RECSTREAM_DATA_DIR": str(settings.data_dir),
+    }
     log = open(settings.data_dir / "worker.log", "wb")  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen([sys.executable, "-m", "infra.cli", "worker", "--role", "all"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "worker", "--role", "all"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     finally:
         log.close()
 
 
-def _wait_embedded(settings: Settings, total: int, worker: subprocess.Popen[bytes],
-                   out: TextIO, timeout_s: float = 300.0) -> None:
+def _wait_embedded(
+    settings: Settings,
+    total: int,
+    worker: subprocess.Popen[bytes],
+    out: TextIO,
+    timeout_s: float = 300.0,
+) -> None:
     deadline = time.monotonic() + timeout_s
     done, shown = 0, -1
     while done < total:
@@ -88,36 +105,52 @@ def _wait_embedded(settings: Settings, total: int, worker: subprocess.Popen[byte
         except Exception:  # noqa: BLE001 - the worker's group may not exist yet
             done = 0
         if done != shown:
-            print(f"\rembedding the catalogue: {min(done, total)}/{total} items", end="",
-                  file=out, flush=True)
+            print(
+                f"\rembedding the catalogue: {min(done, total)}/{total} items",
+                end="",
+                file=out,
+                flush=True,
+            )
             shown = done
         time.sleep(0.5)
     print(file=out)
 
 
-def _simulate(producer: BehaviorProducer, rng: random.Random, people: list[dict[str, Any]],
-              by_prefix: dict[str, list[str]], view: View) -> None:
+def _simulate(
+    producer: BehaviorProducer,
+    rng: random.Random,
+    people: list[dict[str, Any]],
+    by_prefix: dict[str, list[str]],
+    view: View,
+) -> None:
     person = rng.choice(people)
     item_id = rng.choice(by_prefix[rng.choice(person["likes"])])
     kind = rng.choices([k for k, _ in KINDS], weights=[w for _, w in KINDS])[0]
     title = view.titles[item_id]
     if kind == "review":
-        producer.review(person["user_id"], item_id,
-                        f"{title} is exactly my kind of thing; I keep coming back to it.", 5.0)
+        producer.review(
+            person["user_id"],
+            item_id,
+            f"{title} is exactly my kind of thing; I keep coming back to it.",
+            5.0,
+        )
     else:
         getattr(producer, kind)(person["user_id"], item_id)
     view.events.append(f"{person['user_id']} {kind} {item_id}")
 
 
-def _play(settings: Settings, view: View, rate: float, until: float,
-          draw: Callable[[], None]) -> None:
+def _play(
+    settings: Settings, view: View, rate: float, until: float, draw: Callable[[], None]
+) -> None:
     rng = random.Random(7)
     items = catalog()
     by_prefix: dict[str, list[str]] = {}
     for item in items:
         by_prefix.setdefault(item["item_id"].split("-")[0] + "-", []).append(item["item_id"])
-    with BehaviorProducer(settings, source="demo") as producer, \
-            RecommendationConsumer(settings, from_beginning=False) as recs:
+    with (
+        BehaviorProducer(settings, source="demo") as producer,
+        RecommendationConsumer(settings, from_beginning=False) as recs,
+    ):
         user, clicks = OPENING
         for item_id in clicks:
             producer.click(user, item_id)
@@ -134,8 +167,9 @@ def _play(settings: Settings, view: View, rate: float, until: float,
                 next_event += 1.0 / rate
 
 
-def run_demo(settings: Settings, port: int, duration: float | None, rate: float,
-             out: TextIO) -> int:
+def run_demo(
+    settings: Settings, port: int, duration: float | None, rate: float, out: TextIO
+) -> int:
     items = catalog()
     view = View({i["item_id"]: i["title"] for i in items}, personas())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -146,12 +180,19 @@ def run_demo(settings: Settings, port: int, duration: float | None, rate: float,
             print("\x1b[2J\x1b[H" + view.render(), file=out, flush=True)
 
     with EmbeddedBroker(port=port or None, log_file=settings.data_dir / "broker.log") as broker:
-        settings = settings.model_copy(update={
-            "kafka": settings.kafka.model_copy(update={"bootstrap_servers":
-                                                       broker.bootstrap_servers})})
+        settings = settings.model_copy(
+            update={
+                "kafka": settings.kafka.model_copy(
+                    update={"bootstrap_servers": broker.bootstrap_servers}
+                )
+            }
+        )
         provision_topics(settings.kafka)
-        print(f"broker on {broker.bootstrap_servers}; worker log in "
-              f"{settings.data_dir / 'worker.log'}", file=out)
+        print(
+            f"broker on {broker.bootstrap_servers}; worker log in "
+            f"{settings.data_dir / 'worker.log'}",
+            file=out,
+        )
         worker = _start_worker(settings, broker.bootstrap_servers)
         try:
             with BehaviorProducer(settings, source="demo") as producer:
@@ -159,10 +200,8 @@ def run_demo(settings: Settings, port: int, duration: float | None, rate: float,
                     producer.send_dict(item)
             _wait_embedded(settings, len(items), worker, out)
             until = time.monotonic() + duration if duration else float("inf")
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 _play(settings, view, rate, until, draw)
-            except KeyboardInterrupt:
-                pass
         finally:
             worker.terminate()
             try:

@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 
 
 def review_key(event_id: str) -> str:
-    """The vector-store key of a review (deterministic, so a replay overwrites, never duplicates)."""
+    """The vector-store key of a review (deterministic: a replay overwrites, never duplicates)."""
     return f"review:{event_id}"
 
 
@@ -43,14 +43,17 @@ def coalesce(requests: Sequence[EncodeRequest]) -> list[EncodeRequest]:
 
 
 def item_point(req: EncodeRequest, vector: np.ndarray) -> VectorPoint:
-    payload = {"title": req.title, "categories": req.categories, "available": req.available,
-               "updated_ts": req.ts}
+    payload = {
+        "title": req.title,
+        "categories": req.categories,
+        "available": req.available,
+        "updated_ts": req.ts,
+    }
     return VectorPoint(req.item_id, vector, payload)
 
 
 def review_point(req: EncodeRequest, vector: np.ndarray) -> VectorPoint:
-    payload = {"user_id": req.user_id, "item_id": req.item_id, "rating": req.rating,
-               "ts": req.ts}
+    payload = {"user_id": req.user_id, "item_id": req.item_id, "rating": req.rating, "ts": req.ts}
     return VectorPoint(review_key(req.event_id), vector, payload)
 
 
@@ -59,8 +62,16 @@ class EncodeStep:
 
     STEP = STEP
 
-    def __init__(self, *, encoder: TextEncoder, store: VectorStore, items_collection: str,
-                 reviews_collection: str, sinks: Sinks, executor: Executor) -> None:
+    def __init__(
+        self,
+        *,
+        encoder: TextEncoder,
+        store: VectorStore,
+        items_collection: str,
+        reviews_collection: str,
+        sinks: Sinks,
+        executor: Executor,
+    ) -> None:
         self.encoder = encoder
         self.store = store
         self.items = items_collection
@@ -80,7 +91,9 @@ class EncodeStep:
         try:
             return reqs, await self._encode(texts)
         except (RuntimeError, ValueError) as batch_exc:
-            log.warning("batch_encode_failed", step=STEP, size=len(reqs), error=type(batch_exc).__name__)
+            log.warning(
+                "batch_encode_failed", step=STEP, size=len(reqs), error=type(batch_exc).__name__
+            )
         ok, rows = [], []
         for i, text in enumerate(texts):
             try:
@@ -98,10 +111,12 @@ class EncodeStep:
         to_encode = [r for r in reqs if r.kind != "item_removed"]
         if to_encode:
             done, vectors = await self.encode_each(to_encode, [by_id[id(r)] for r in to_encode])
-            items = [item_point(r, v) for r, v in zip(done, vectors, strict=True)
-                     if r.kind == "item"]
-            reviews = [review_point(r, v) for r, v in zip(done, vectors, strict=True)
-                       if r.kind == "review"]
+            items = [
+                item_point(r, v) for r, v in zip(done, vectors, strict=True) if r.kind == "item"
+            ]
+            reviews = [
+                review_point(r, v) for r, v in zip(done, vectors, strict=True) if r.kind == "review"
+            ]
             if items:
                 self.store.upsert(self.items, items)
             if reviews:
@@ -110,27 +125,38 @@ class EncodeStep:
                     self._announce_review(r)
         if removed:
             self.store.delete(self.items, removed)
-        log.debug("encoded", step=STEP, requests=len(batch), encoded=len(to_encode), removed=len(removed))
+        log.debug(
+            "encoded", step=STEP, requests=len(batch), encoded=len(to_encode), removed=len(removed)
+        )
 
     def _announce_review(self, req: EncodeRequest) -> None:
         update = UserUpdate(
-            event_id=req.event_id, ts=req.ts, received_ms=req.received_ms,
-            kind="review_embedded", user_id=req.user_id or "", event_type="review",
-            item_id=req.item_id, review_point=review_key(req.event_id),
+            event_id=req.event_id,
+            ts=req.ts,
+            received_ms=req.received_ms,
+            kind="review_embedded",
+            user_id=req.user_id or "",
+            event_type="review",
+            item_id=req.item_id,
+            review_point=review_key(req.event_id),
             review_snippet=req.text[:SNIPPET_CHARS],
         )
-        self.sinks.send(Output(USER_UPDATES, update.user_id,
-                               update.model_dump_json(exclude_none=True).encode()))
+        self.sinks.send(
+            Output(USER_UPDATES, update.user_id, update.model_dump_json(exclude_none=True).encode())
+        )
 
 
-async def encode_text(stream: Any, *, step: EncodeStep, batch_size: int,
-                      batch_wait_s: float) -> None:
+async def encode_text(
+    stream: Any, *, step: EncodeStep, batch_size: int, batch_wait_s: float
+) -> None:
     """Micro-batch encode requests and hand each batch to :class:`EncodeStep`."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
         batch = []
         for event in events:
             try:
-                batch.append((EncodeRequest.model_validate_json(event.message.value), event.message))
+                batch.append(
+                    (EncodeRequest.model_validate_json(event.message.value), event.message)
+                )
             except ValidationError as exc:
                 step.sinks.dead(stage=STEP, message=event.message, exc=exc)
         if batch:

@@ -7,7 +7,7 @@ the stream goes on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import structlog
 
@@ -28,36 +28,67 @@ STEP = "validate-input"
 log = structlog.get_logger(__name__)
 
 
+class _Envelope(TypedDict):
+    event_id: str
+    ts: int
+    received_ms: int
+
+
 def _json(record: Any) -> bytes:
     return record.model_dump_json(exclude_none=True).encode()
 
 
 def route(event: Event, received_ms: int) -> list[Output]:
     """What one valid input becomes downstream (pure)."""
-    base = {"event_id": event.event_id, "ts": event.ts, "received_ms": received_ms}
+    base: _Envelope = {"event_id": event.event_id, "ts": event.ts, "received_ms": received_ms}
     match event:
         case BehaviorEvent():
-            update = UserUpdate(**base, kind="behavior", user_id=event.user_id,
-                                event_type=event.type, item_id=event.item_id, value=event.value)
+            update = UserUpdate(
+                **base,
+                kind="behavior",
+                user_id=event.user_id,
+                event_type=event.type,
+                item_id=event.item_id,
+                value=event.value,
+            )
             return [Output(USER_UPDATES, event.user_id, _json(update))]
         case ReviewEvent():
-            update = UserUpdate(**base, kind="behavior", user_id=event.user_id,
-                                event_type="review", item_id=event.item_id, value=event.rating)
-            request = EncodeRequest(**base, kind="review", item_id=event.item_id,
-                                    user_id=event.user_id, text=event.text, rating=event.rating)
-            return [Output(USER_UPDATES, event.user_id, _json(update)),
-                    Output(ENCODE_REQUESTS, event.item_id, _json(request))]
+            update = UserUpdate(
+                **base,
+                kind="behavior",
+                user_id=event.user_id,
+                event_type="review",
+                item_id=event.item_id,
+                value=event.rating,
+            )
+            request = EncodeRequest(
+                **base,
+                kind="review",
+                item_id=event.item_id,
+                user_id=event.user_id,
+                text=event.text,
+                rating=event.rating,
+            )
+            return [
+                Output(USER_UPDATES, event.user_id, _json(update)),
+                Output(ENCODE_REQUESTS, event.item_id, _json(request)),
+            ]
         case ItemEvent():
-            request = EncodeRequest(**base, kind="item", item_id=event.item_id, text=event.text(),
-                                    title=event.title, categories=event.categories,
-                                    available=event.available)
+            request = EncodeRequest(
+                **base,
+                kind="item",
+                item_id=event.item_id,
+                text=event.text(),
+                title=event.title,
+                categories=event.categories,
+                available=event.available,
+            )
             return [Output(ENCODE_REQUESTS, event.item_id, _json(request))]
         case ItemRemovedEvent():
             request = EncodeRequest(**base, kind="item_removed", item_id=event.item_id)
             return [Output(ENCODE_REQUESTS, event.item_id, _json(request))]
         case ForgetUserEvent():
-            update = UserUpdate(**base, kind="forget", user_id=event.user_id,
-                                event_type=event.type)
+            update = UserUpdate(**base, kind="forget", user_id=event.user_id, event_type=event.type)
             return [Output(USER_UPDATES, event.user_id, _json(update))]
     raise InvalidEvent("unroutable", f"no route for event type {event.type!r}")
 

@@ -14,6 +14,7 @@ from models.encoder import EncoderLoadError, TextEncoder
 from models.recommender import Recommender
 from models.state import Fusion
 
+
 class Services:
     """Lazily built, shared by the agents of one worker process."""
 
@@ -23,8 +24,9 @@ class Services:
     @cached_property
     def _encoder(self) -> TextEncoder:
         enc = self.settings.encoder
-        return TextEncoder(enc.model, device=enc.device, max_length=enc.max_length,
-                           batch_size=enc.batch_size)
+        return TextEncoder(
+            enc.model, device=enc.device, max_length=enc.max_length, batch_size=enc.batch_size
+        )
 
     def encoder(self) -> TextEncoder:
         return self._encoder
@@ -38,8 +40,10 @@ class Services:
                 f"the encoder makes {self._encoder.dim}-d vectors but the vector store is set to "
                 f"{dim}-d; set RECSTREAM_VECTORS__DIM={self._encoder.dim}"
             )
-        for name in (self.settings.vectors.items_collection,
-                     self.settings.vectors.reviews_collection):
+        for name in (
+            self.settings.vectors.items_collection,
+            self.settings.vectors.reviews_collection,
+        ):
             store.ensure_collection(name, dim)
         return store
 
@@ -50,8 +54,11 @@ class Services:
     def _recommender(self) -> Recommender:
         s = self.settings
         return Recommender(
-            self.store(), s.ranking, Fusion.untrained(s.ranking.behaviour_weight),
-            s.vectors.items_collection, s.vectors.reviews_collection,
+            self.store(),
+            s.ranking,
+            Fusion.untrained(s.ranking.behaviour_weight),
+            s.vectors.items_collection,
+            s.vectors.reviews_collection,
         )
 
     def recommender(self) -> Recommender:

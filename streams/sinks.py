@@ -35,9 +35,18 @@ class Sinks:
     def dead(self, *, stage: str, message: Any, exc: Exception) -> None:
         """Route a rejected input (a Faust message) to the dead-letter topic with its bytes."""
         letter = dead_letter(
-            stage=stage, topic=message.topic, partition=message.partition,
-            offset=message.offset, raw=message.value, exc=exc,
+            stage=stage,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            raw=message.value,
+            exc=exc,
         )
-        log.warning("dead_lettered", step=stage, topic=message.topic, offset=message.offset,
-                    error=letter.error_type)
+        log.warning(
+            "dead_lettered",
+            step=stage,
+            topic=message.topic,
+            offset=message.offset,
+            error=letter.error_type,
+        )
         self.send(Output(DEAD_LETTER, message.topic, encode(letter)))

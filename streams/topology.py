@@ -1,11 +1,14 @@
 """The whole pipeline on one screen: topics -> agents -> tables -> sinks, per worker role.
 
 ```
-behavior.events.v1 ─┐                                   ┌─> recstream.user-updates.v1 ─> [update-user-state]
-catalog.items.v1  ──┼─> [validate-input] ─ invalid ─> dead-letter.v1          │ users, covisit, popularity
-users.forget.v1   ──┘        │                                                  └─> recommendations.v1
-                             └─> recstream.encode-requests.v1 ─> [encode-text] ─> vector store
-                                                                       └─> recstream.user-updates.v1
+behavior.events.v1 ─┐                            ┌─> recstream.user-updates.v1 ─┐
+catalog.items.v1  ──┼─> [validate-input] ────────┤                              v
+users.forget.v1   ──┘     │ invalid              │                   [update-user-state]
+                          v                      v                     tables: users,
+                   dead-letter.v1   recstream.encode-requests.v1       covisit, popularity
+                                                 │                              │
+                                           [encode-text] ─> vector store        v
+                                                 └─> recstream.user-updates.v1  recommendations.v1
 ```
 Roles: ``ingest`` runs validate-input, ``encoder`` runs encode-text, ``recommend`` runs
 update-user-state, ``all`` runs every agent in one worker.
@@ -21,7 +24,7 @@ import faust
 
 from infra.kafka import faust_broker_options
 from infra.settings import Settings
-from schemas.topics import ALL_TOPICS, INPUT_TOPICS, ENCODE_REQUESTS, USER_UPDATES
+from schemas.topics import ALL_TOPICS, ENCODE_REQUESTS, INPUT_TOPICS, USER_UPDATES
 from streams.encode import EncodeStep, encode_text
 from streams.ingest import STEP as INGEST_STEP
 from streams.ingest import ingest
@@ -90,37 +93,49 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
     if role in ("all", "encoder"):
         enc = settings.encoder
         step = EncodeStep(
-            encoder=services.encoder(), store=services.store(),
+            encoder=services.encoder(),
+            store=services.store(),
             items_collection=settings.vectors.items_collection,
             reviews_collection=settings.vectors.reviews_collection,
-            sinks=sinks, executor=ThreadPoolExecutor(1, thread_name_prefix="encoder"),
+            sinks=sinks,
+            executor=ThreadPoolExecutor(1, thread_name_prefix="encoder"),
         )
 
         async def encode_agent(stream: Any) -> None:
-            await encode_text(stream, step=step, batch_size=enc.batch_size,
-                              batch_wait_s=enc.max_wait_ms / 1000)
+            await encode_text(
+                stream, step=step, batch_size=enc.batch_size, batch_wait_s=enc.max_wait_ms / 1000
+            )
 
         topo.agents[EncodeStep.STEP] = app.agent(
-            topics[ENCODE_REQUESTS.name], name=EncodeStep.STEP)(encode_agent)
+            topics[ENCODE_REQUESTS.name], name=EncodeStep.STEP
+        )(encode_agent)
 
     if role in ("all", "recommend"):
-        table_schema = faust.Schema(key_type=str, key_serializer="raw", value_serializer="json")
+        table_schema: faust.Schema = faust.Schema(
+            key_type=str, key_serializer="raw", value_serializer="json"
+        )
         tables = Tables(
             users=app.Table("user-state", default=None, schema=table_schema, use_partitioner=True),
             covisit=app.Table("covisit", default=None, schema=table_schema, use_partitioner=True),
-            popularity=app.Table("popularity", default=None, schema=table_schema, use_partitioner=True),
+            popularity=app.Table(
+                "popularity", default=None, schema=table_schema, use_partitioner=True
+            ),
         )
         user_step = UserStateStep(
-            tables=tables, recommender=services.recommender(), store=services.store(),
-            reviews_collection=settings.vectors.reviews_collection, sinks=sinks,
-            model_version=services.model_version(), max_recent=settings.ranking.recent_items,
+            tables=tables,
+            recommender=services.recommender(),
+            store=services.store(),
+            reviews_collection=settings.vectors.reviews_collection,
+            sinks=sinks,
+            model_version=services.model_version(),
+            max_recent=settings.ranking.recent_items,
         )
 
         async def user_state_agent(stream: Any) -> None:
-            await update_user_state(stream, step=user_step, batch_size=batch,
-                                    batch_wait_s=wait_s)
+            await update_user_state(stream, step=user_step, batch_size=batch, batch_wait_s=wait_s)
 
-        topo.agents[USER_STATE_STEP] = app.agent(
-            topics[USER_UPDATES.name], name=USER_STATE_STEP)(user_state_agent)
+        topo.agents[USER_STATE_STEP] = app.agent(topics[USER_UPDATES.name], name=USER_STATE_STEP)(
+            user_state_agent
+        )
         topo.tables = tables
     return topo

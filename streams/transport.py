@@ -1,9 +1,10 @@
 """A Faust app whose consumers wait at most ``fetch_max_wait_ms`` for a fetch to fill.
 
 Faust's aiokafka driver fixes the fetch wait at 1,500 ms. Apache Kafka answers a waiting fetch as
-soon as data arrives, so the value rarely matters there; the embedded broker holds an empty fetch for
-the whole wait, which added up to 1.5 s per hop. Measured on the embedded broker (2-core machine):
-one message's consume latency was 382 ms with a 1,500 ms wait, 12 ms with 100 ms, 2-5 ms with 10 ms.
+soon as data arrives, so the value rarely matters there; the embedded broker holds an empty fetch
+for the whole wait, which added up to 1.5 s per hop. Measured on the embedded broker (2-core
+machine): one message's consume latency was 382 ms with a 1,500 ms wait, 12 ms with 100 ms and
+2-5 ms with 10 ms.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ def cli_up(args: argparse.Namespace) -> int:
     probe.data_dir.mkdir(parents=True, exist_ok=True)
     with EmbeddedBroker(port=args.port, log_file=log_file) as broker:
         settings = load_cli_settings(args, bootstrap_servers=broker.bootstrap_servers)
-        print(f"recstream: broker on {broker.bootstrap_servers} (pid {broker.pid}); "
-              f"data in {settings.data_dir}; Ctrl-C stops all", file=sys.stderr)
+        print(
+            f"recstream: broker on {broker.bootstrap_servers} (pid {broker.pid}); "
+            f"data in {settings.data_dir}; Ctrl-C stops all",
+            file=sys.stderr,
+        )
         return run_worker(settings, "all")

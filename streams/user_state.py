@@ -52,8 +52,9 @@ def apply_updates(
         elif up.kind == "review_embedded" and up.review_point and up.item_id:
             apply_review(state, up.review_point, up.item_id, up.review_snippet or "")
         elif up.kind == "behavior" and up.item_id:
-            before = apply_interaction(state, up.item_id, up.event_type, up.ts, up.value,
-                                       max_recent)
+            before = apply_interaction(
+                state, up.item_id, up.event_type, up.ts, up.value, max_recent=max_recent
+            )
             pairs.extend(covisit_pairs(before, up.item_id))
             touched.append(up.item_id)
     return state, pairs, touched
@@ -68,17 +69,27 @@ def recommendation_event(
         trigger_event_id=trigger.event_id,
         model_version=model_version,
         latency_ms=max(0.0, float(now_ms() - trigger.received_ms)),
-        items=[RecommendedItem(item_id=r.item_id, rank=n, score=r.score, reasons=r.reasons)
-               for n, r in enumerate(ranked, start=1)],
+        items=[
+            RecommendedItem(item_id=r.item_id, rank=n, score=r.score, reasons=r.reasons)
+            for n, r in enumerate(ranked, start=1)
+        ],
     )
 
 
 class UserStateStep:
     """The user-state agent's work for one batch, kept apart from Faust so tests can drive it."""
 
-    def __init__(self, *, tables: Tables, recommender: Recommender, store: VectorStore,
-                 reviews_collection: str, sinks: Sinks, model_version: str,
-                 max_recent: int) -> None:
+    def __init__(
+        self,
+        *,
+        tables: Tables,
+        recommender: Recommender,
+        store: VectorStore,
+        reviews_collection: str,
+        sinks: Sinks,
+        model_version: str,
+        max_recent: int,
+    ) -> None:
         self.tables = tables
         self.recommender = recommender
         self.store = store
@@ -125,8 +136,7 @@ class UserStateStep:
     ) -> list[RecommendationEvent]:
         for req, _ in requests:
             req.neighbours = {
-                src: n for src in covisit_sources(req.state)
-                if (n := self.tables.covisit.get(src))
+                src: n for src in covisit_sources(req.state) if (n := self.tables.covisit.get(src))
             }
         lists = self.recommender.recommend([r for r, _ in requests], popular)
         events = []
@@ -140,8 +150,9 @@ class UserStateStep:
         return events
 
 
-async def update_user_state(stream: Any, *, step: UserStateStep, batch_size: int,
-                            batch_wait_s: float) -> None:
+async def update_user_state(
+    stream: Any, *, step: UserStateStep, batch_size: int, batch_wait_s: float
+) -> None:
     """Batch user updates and hand each batch to :class:`UserStateStep`."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
         updates = []

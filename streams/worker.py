@@ -19,10 +19,15 @@ def run_worker(settings: Settings, role: Role) -> int:
     provision_topics(settings.kafka)
     services = Services(settings)
     topo = build_topology(settings, role, services)
-    log.info("worker_starting", role=role, broker=settings.kafka.bootstrap_servers,
-             agents=sorted(topo.agents))
-    worker = faust.Worker(topo.app, loglevel=settings.log_level.upper(), quiet=True,
-                          override_logging=False)
+    log.info(
+        "worker_starting",
+        role=role,
+        broker=settings.kafka.bootstrap_servers,
+        agents=sorted(topo.agents),
+    )
+    worker = faust.Worker(
+        topo.app, loglevel=settings.log_level.upper(), quiet=True, override_logging=False
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as stop:

@@ -33,7 +33,7 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
 
 
 class Stack:
-    """A real worker (role all) in a subprocess against the test's broker, plus read/write helpers."""
+    """A real worker (role all) in a subprocess against the test's broker, with helpers."""
 
     GROUP = "recstream"  # the worker's consumer group (its Faust app id)
 
@@ -62,15 +62,21 @@ class Stack:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "infra.cli", "worker", "--role", "all"],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self.producer = Producer(producer_config(settings.kafka))
         self.reader = Consumer(
             consumer_config(settings.kafka, "test-reader", **{"enable.auto.commit": False})
         )
-        self.reader.assign([TopicPartition(t.name, p, OFFSET_BEGINNING)
-                            for t in (RECOMMENDATIONS, DEAD_LETTER)
-                            for p in range(settings.kafka.partitions)])
+        self.reader.assign(
+            [
+                TopicPartition(t.name, p, OFFSET_BEGINNING)
+                for t in (RECOMMENDATIONS, DEAD_LETTER)
+                for p in range(settings.kafka.partitions)
+            ]
+        )
         self.recommendations: list[dict] = []
         self.dead_letters: list[dict] = []
 
@@ -109,8 +115,9 @@ class Stack:
         while message is not None:
             if not message.error():
                 body = self._json.loads(message.value())
-                target = (self.dead_letters if body["type"] == "dead_letter"
-                          else self.recommendations)
+                target = (
+                    self.dead_letters if body["type"] == "dead_letter" else self.recommendations
+                )
                 target.append(body)
             message = self.reader.poll(0)
 

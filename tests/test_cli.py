@@ -132,11 +132,6 @@ def test_user_error_is_one_line_through_the_console_script(tmp_path: Path) -> No
     assert "nope.v1" in _one_error_line(result, "recstream: error:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: under `python -m infra.cli` main() catches __main__.UserError, but command "
-    "modules raise infra.cli.UserError, so a traceback is printed",
-)
 def test_user_error_is_one_line_through_python_dash_m(tmp_path: Path) -> None:
     """A UserError from a command module is one line under `python -m infra.cli` too."""
     result = _run(["archive", "--out", "arch", "--topics", "nope.v1"], cwd=tmp_path)

@@ -200,19 +200,37 @@ def test_text_vector_is_mean_of_known_review_vectors() -> None:
     assert text_vector(state, {}) is None
 
 
+def _query(fusion: Fusion, x: np.ndarray | None, z: np.ndarray | None) -> np.ndarray:
+    q = fusion.query(x, z)
+    assert q is not None
+    return q
+
+
 def test_untrained_fusion_query_is_normalised_weighted_mean() -> None:
     """Untrained f(x, z) = unit(a*x + (1-a)*z); x alone (or z alone) when the other is missing."""
     x = np.array([3.0, 0.0, 4.0], dtype=np.float32)
     z = np.array([0.0, 2.0, 0.0], dtype=np.float32)
-    fusion = Fusion.untrained(3, behaviour_weight=0.7)
+    fusion = Fusion.untrained(behaviour_weight=0.7)
     mixed = 0.7 * x + 0.3 * z
-    q = fusion.query(x, z)
-    assert q is not None
+    q = _query(fusion, x, z)
     assert q.dtype == np.float32
     np.testing.assert_allclose(q, mixed / np.linalg.norm(mixed), rtol=1e-6)
-    np.testing.assert_allclose(fusion.query(x, None), [0.6, 0.0, 0.8], rtol=1e-6)
-    np.testing.assert_allclose(fusion.query(None, z), [0.0, 1.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(_query(fusion, x, None), np.array([0.6, 0.0, 0.8]), rtol=1e-6)
+    np.testing.assert_allclose(_query(fusion, None, z), np.array([0.0, 1.0, 0.0]), rtol=1e-6)
     assert fusion.query(None, None) is None
+
+
+def test_trained_fusion_applies_its_matrices() -> None:
+    """A trained fusion maps x by W1 and z by W2 before summing and normalising."""
+    w1 = np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32)  # swaps the axes
+    w2 = np.eye(2, dtype=np.float32) * 3.0
+    fusion = Fusion(w1, w2, "trained-v1")
+    x = np.array([1.0, 0.0], dtype=np.float32)
+    z = np.array([1.0, 0.0], dtype=np.float32)
+    np.testing.assert_allclose(_query(fusion, x, None), np.array([0.0, 1.0]), atol=1e-7)
+    np.testing.assert_allclose(_query(fusion, None, z), np.array([1.0, 0.0]), atol=1e-7)
+    both = np.array([3.0, 1.0]) / np.sqrt(10.0)  # x W1 = (0, 1), z W2 = (3, 0)
+    np.testing.assert_allclose(_query(fusion, x, z), both, rtol=1e-6)
 
 
 def test_fusion_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -351,11 +369,6 @@ def test_reason_names_the_nearest_history_item_with_its_strongest_verb() -> None
     assert len(ranked.reasons) <= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: explain() keeps interactions with weight >= 0, so a zero-weight (disliked) "
-    "rating can be the reason",
-)
 def test_reason_never_cites_a_disliked_rating() -> None:
     """A 1-star rating (weight 0) is not offered as the reason for a recommendation."""
     items = {
@@ -456,7 +469,7 @@ def store(tmp_path: Path) -> Iterator[EdgeVectorStore]:
 
 def _recommender(store: EdgeVectorStore, **ranking: object) -> Recommender:
     cfg = RankingSettings(k=5, **ranking)  # type: ignore[arg-type]
-    return Recommender(store, cfg, Fusion.untrained(DIM, cfg.behaviour_weight), "items", "reviews")
+    return Recommender(store, cfg, Fusion.untrained(cfg.behaviour_weight), "items", "reviews")
 
 
 def _history_state() -> UserState:

@@ -190,11 +190,11 @@ def test_review_rating_out_of_range_is_rejected() -> None:
     assert "rating" in str(exc)
 
 
-def test_unknown_field_is_rejected() -> None:
-    """Extra fields are refused (records forbid extras), naming the stray field."""
-    exc = _reject({**VALID["view"], "colour": "red"})
-    assert exc.error_type == "invalid_field"
-    assert "colour" in str(exc)
+def test_unknown_field_is_ignored_for_forward_compatibility() -> None:
+    """A field this version does not know is dropped, not rejected (the contract grows)."""
+    event = decode_input(_raw({**VALID["view"], "colour": "red"}))
+    assert event == decode_input(_raw(VALID["view"]))
+    assert "colour" not in event.model_dump()
 
 
 def test_unknown_type_is_rejected_listing_the_known_ones() -> None:
@@ -270,21 +270,11 @@ def test_missing_value_is_rejected() -> None:
     assert caught.value.error_type == "empty"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="bug: parse_object lets json's RecursionError escape on deeply nested input",
-)
 def test_deeply_nested_json_is_rejected_as_invalid_event() -> None:
     """JSON nested deeper than the parser's recursion limit is an InvalidEvent, not a crash."""
     assert _reject(b"[" * 100_000).error_type == "bad_json"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: parse_object lets json's int-digits ValueError escape (not a JSONDecodeError)",
-)
 def test_integer_with_too_many_digits_is_rejected_as_invalid_event() -> None:
     """A number with more digits than Python's int-parsing limit is an InvalidEvent."""
     raw = b'{"type": "view", "user_id": "u", "item_id": "i", "ts": ' + b"9" * 5000 + b"}"
@@ -319,11 +309,6 @@ def test_defaults_fill_missing_event_id_and_ts() -> None:
     assert (event.event_id, event.ts) == ("behavior.events.v1-0-17", TS + 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InvalidEvent,
-    reason="bug: decode_input selects null fields for defaults, then spreads obj's nulls over them",
-)
 def test_defaults_fill_null_event_id_and_ts() -> None:
     """Explicit null event_id and ts are filled from ``defaults`` like absent ones."""
     defaults = {"event_id": "behavior.events.v1-0-17", "ts": TS + 5}
@@ -466,17 +451,17 @@ def test_example_events_validate_against_their_exported_schema(
         assert all(list(e.absolute_path) == ["user_id"] for e in errors)
 
 
-def test_exported_schema_rejects_a_wrong_type_and_extras(
+def test_exported_schema_agrees_with_the_decoder_on_edge_cases(
     exported: tuple[Path, list[Path]],
 ) -> None:
-    """The behaviour schema refuses a type that is not a behaviour and any extra field."""
+    """The behaviour schema refuses a non-behaviour type and a blank id, and allows extra fields."""
     out, _ = exported
     schema = json.loads((out / "BehaviorEvent.schema.json").read_text())
     assert schema["title"] == "BehaviorEvent"
     validator = jsonschema.Draft202012Validator(schema)
     assert not validator.is_valid({**VALID["view"], "type": "item"})
-    assert not validator.is_valid({**VALID["view"], "colour": "red"})
     assert not validator.is_valid({**VALID["view"], "user_id": "   "})
+    assert validator.is_valid({**VALID["view"], "colour": "red"})  # ignored by the decoder too
 
 
 # --- event log --------------------------------------------------------------------------------
@@ -495,10 +480,6 @@ def test_event_log_row_round_trips_every_input_type(event_type: str) -> None:
     assert from_row(back_row) == event
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: EVENT_LOG_SCHEMA has no columns for recommendation/dead-letter fields",
-)
 @pytest.mark.parametrize("event_type", ["recommendation", "dead_letter"])
 def test_event_log_row_round_trips_output_types(event_type: str) -> None:
     """Recommendation and dead-letter events (archivable with --topics) survive the event log."""

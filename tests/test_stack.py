@@ -30,8 +30,10 @@ def test_recommendation_arrives_excludes_purchases_and_explains_every_item(stack
     """A user who clicked three sci-fi books and bought a fourth gets a sci-fi-led list on the
     recommendation topic, without the bought or unavailable items, each item with a reason."""
     _publish_catalogue(stack)
-    clicks = [{"type": "click", "user_id": "ada", "item_id": i, "event_id": f"c-{i}"}
-              for i in SCIFI_CLICKS]
+    clicks = [
+        {"type": "click", "user_id": "ada", "item_id": i, "event_id": f"c-{i}"}
+        for i in SCIFI_CLICKS
+    ]
     purchase = {"type": "purchase", "user_id": "ada", "item_id": "scifi-004", "event_id": "p-1"}
     stack.publish(*clicks, purchase)
 
@@ -54,14 +56,22 @@ def test_cold_start_item_is_recommended_once_embedded(stack):
     """An item published after the user's history, with no behaviour on it, is recommended to a
     user whose taste matches its text as soon as the encoder has embedded it."""
     items = _publish_catalogue(stack)
-    stack.publish(*[{"type": "click", "user_id": "dev", "item_id": i, "event_id": f"d-{i}"}
-                    for i in SCIFI_CLICKS])
+    stack.publish(
+        *[
+            {"type": "click", "user_id": "dev", "item_id": i, "event_id": f"d-{i}"}
+            for i in SCIFI_CLICKS
+        ]
+    )
     first = stack.wait_for(_for("dev", "d-scifi-003"), "first recommendation")
     assert "scifi-900" not in [i["item_id"] for i in first["items"]]
 
     template = next(i for i in items if i["item_id"] == "scifi-002")
-    new_item = {**template, "item_id": "scifi-900", "event_id": "new-item",
-                "title": template["title"] + ": the sequel"}
+    new_item = {
+        **template,
+        "item_id": "scifi-900",
+        "event_id": "new-item",
+        "title": template["title"] + ": the sequel",
+    }
     stack.publish(new_item)
     stack.wait_committed(ENCODE_REQUESTS.name, len(items) + 1)
     stack.publish({"type": "view", "user_id": "dev", "item_id": "scifi-005", "event_id": "d-2"})
@@ -77,10 +87,12 @@ def test_malformed_events_are_dead_lettered_and_good_ones_still_processed(stack)
     _publish_catalogue(stack)
     bad = {
         "bad_json": b"{not json",
-        "invalid_field": json.dumps({"type": "rating", "user_id": "bo", "item_id": "cook-001",
-                                     "value": 11}).encode(),
-        "unknown_type": json.dumps({"type": "wishlist", "user_id": "bo",
-                                    "item_id": "cook-001"}).encode(),
+        "invalid_field": json.dumps(
+            {"type": "rating", "user_id": "bo", "item_id": "cook-001", "value": 11}
+        ).encode(),
+        "unknown_type": json.dumps(
+            {"type": "wishlist", "user_id": "bo", "item_id": "cook-001"}
+        ).encode(),
     }
     for payload in bad.values():
         stack.publish_raw(BEHAVIOR.name, "bo", payload)
@@ -91,7 +103,8 @@ def test_malformed_events_are_dead_lettered_and_good_ones_still_processed(stack)
     for error_type, payload in bad.items():
         letter = stack.wait_for(
             lambda b, t=error_type: b.get("type") == "dead_letter" and b["error_type"] == t,
-            f"dead letter {error_type}")
+            f"dead letter {error_type}",
+        )
         assert base64.b64decode(letter["payload_b64"]) == payload
         assert letter["topic"] == BEHAVIOR.name
         assert letter["stage"] == "validate-input"
@@ -102,14 +115,23 @@ def test_malformed_events_are_dead_lettered_and_good_ones_still_processed(stack)
 def test_review_text_shapes_the_list_and_its_reasons(stack):
     """A review is embedded into the user's text vector and the list then cites that review."""
     _publish_catalogue(stack)
-    review = {"type": "review", "user_id": "cy", "item_id": "coffee-001", "event_id": "r-1",
-              "rating": 5, "text": "Brews a clean, bright pour-over; I use it every morning "
-                                   "with a gooseneck kettle and light roast beans."}
+    review = {
+        "type": "review",
+        "user_id": "cy",
+        "item_id": "coffee-001",
+        "event_id": "r-1",
+        "rating": 5,
+        "text": "Brews a clean, bright pour-over; I use it every morning "
+        "with a gooseneck kettle and light roast beans.",
+    }
     stack.publish(review)
     rec = stack.wait_for(
-        lambda b: b.get("user_id") == "cy" and any("your review" in r for i in b.get("items", [])
-                                                   for r in i["reasons"]),
-        "recommendation citing the review")
+        lambda b: (
+            b.get("user_id") == "cy"
+            and any("your review" in r for i in b.get("items", []) for r in i["reasons"])
+        ),
+        "recommendation citing the review",
+    )
     ids = [i["item_id"] for i in rec["items"]]
     assert "coffee-001" not in ids  # reviewed = consumed
     assert sum(i.startswith("coffee-") for i in ids) >= 5, ids

@@ -57,10 +57,10 @@ def open_vector_store(settings: Settings) -> VectorStore:
     """The configured store: a Qdrant server when ``vectors.url`` is set, else Edge on disk."""
     vectors = settings.vectors
     if vectors.url:
-        from infra.vectors.server import QdrantServerStore  # noqa: PLC0415 - optional dependency
+        from infra.vectors.server import QdrantServerStore
 
         api_key = vectors.api_key.get_secret_value() if vectors.api_key is not None else None
         return QdrantServerStore.from_url(vectors.url, api_key=api_key)
-    from infra.vectors.edge import EdgeVectorStore  # noqa: PLC0415 - optional dependency
+    from infra.vectors.edge import EdgeVectorStore
 
     return EdgeVectorStore(settings.vectors_dir)

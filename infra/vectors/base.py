@@ -1,8 +1,8 @@
 """The one small vector-store interface recstream needs, and its plain-data types.
 
 Two backends implement it: Qdrant Edge embedded in the process (the default) and qdrant-client
-against a Qdrant server (whose local mode is the test double). Congruence tests run the same cases on
-both. Ids are our string ids; backends map them to deterministic Qdrant point ids with
+against a Qdrant server (whose local mode is the test double). Congruence tests run the same
+cases on both. Ids are our string ids; backends map them to deterministic Qdrant point ids with
 :func:`point_id`.
 """
 
@@ -52,7 +52,7 @@ class Filter:
 
 
 class VectorStore(Protocol):
-    """Collections of cosine-distance vectors with payloads. Every key lives in ``payload['key']``."""
+    """Collections of cosine-distance vectors with payloads; each key is in ``payload['key']``."""
 
     def ensure_collection(self, name: str, dim: int) -> None:
         """Create the collection if absent (cosine distance); a no-op when it exists."""

@@ -42,7 +42,7 @@ class EdgeVectorStore:
     """
 
     def __init__(self, path: Path, *, indexing_threshold_kb: int | None = None) -> None:
-        import qdrant_edge  # noqa: F401, PLC0415 - fail fast when the worker extra is missing
+        import qdrant_edge  # noqa: F401 - fail fast when the worker extra is missing
 
         self._path = Path(path)
         self._indexing_threshold_kb = indexing_threshold_kb
@@ -60,7 +60,7 @@ class EdgeVectorStore:
 
     def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None:
         """Insert or replace points by key (idempotent: same key, same point id)."""
-        from qdrant_edge import Point, UpdateOperation  # noqa: PLC0415 - optional dependency
+        from qdrant_edge import Point, UpdateOperation
 
         if not points:
             return
@@ -71,7 +71,7 @@ class EdgeVectorStore:
 
     def delete(self, collection: str, keys: Sequence[str]) -> None:
         """Delete points by key; unknown keys are ignored."""
-        from qdrant_edge import UpdateOperation  # noqa: PLC0415 - optional dependency
+        from qdrant_edge import UpdateOperation
 
         if not keys:
             return
@@ -80,7 +80,7 @@ class EdgeVectorStore:
 
     def delete_where(self, collection: str, field_name: str, value: str) -> None:
         """Delete every point whose payload ``field_name`` equals ``value``."""
-        from qdrant_edge import UpdateOperation  # noqa: PLC0415 - optional dependency
+        from qdrant_edge import UpdateOperation
 
         condition = _edge_filter(Filter(must_equal={field_name: value}))
         if condition is not None:
@@ -108,7 +108,7 @@ class EdgeVectorStore:
 
         All vectors go to Edge as one ``QueryBatchRequest``, planned and scored together.
         """
-        from qdrant_edge import Query, QueryBatchRequest, QueryRequest  # noqa: PLC0415
+        from qdrant_edge import Query, QueryBatchRequest, QueryRequest
 
         if not vectors:
             return []
@@ -127,7 +127,7 @@ class EdgeVectorStore:
 
     def count(self, collection: str) -> int:
         """How many points the collection holds."""
-        from qdrant_edge import CountRequest  # noqa: PLC0415 - optional dependency
+        from qdrant_edge import CountRequest
 
         return self._shard(collection).count(CountRequest(exact=True))
 
@@ -155,7 +155,7 @@ class EdgeVectorStore:
 
     def _shard(self, name: str) -> qdrant_edge.EdgeShard:
         """The open shard of ``name``, loading it from disk on first use."""
-        from qdrant_edge import EdgeShard  # noqa: PLC0415 - optional dependency
+        from qdrant_edge import EdgeShard
 
         shard = self._shards.get(name)
         if shard is None:
@@ -166,7 +166,7 @@ class EdgeVectorStore:
         return shard
 
     def _create(self, directory: Path, dim: int) -> qdrant_edge.EdgeShard:
-        from qdrant_edge import (  # noqa: PLC0415 - optional dependency
+        from qdrant_edge import (
             Distance,
             EdgeConfig,
             EdgeOptimizersConfig,
@@ -192,7 +192,7 @@ def _persisted_dim(directory: Path) -> int | None:
 
 
 def _ensure_payload_indexes(shard: qdrant_edge.EdgeShard) -> None:
-    from qdrant_edge import PayloadSchemaType, UpdateOperation  # noqa: PLC0415
+    from qdrant_edge import PayloadSchemaType, UpdateOperation
 
     kinds = {"keyword": PayloadSchemaType.Keyword, "bool": PayloadSchemaType.Bool}
     existing = shard.info().payload_schema
@@ -203,12 +203,12 @@ def _ensure_payload_indexes(shard: qdrant_edge.EdgeShard) -> None:
 
 def _edge_filter(flt: Filter | None) -> qdrant_edge.Filter | None:
     """Our filter as Edge's: payload equalities under ``must``, excluded ids under ``must_not``."""
-    from qdrant_edge import (  # noqa: PLC0415 - optional dependency
+    from qdrant_edge import (
         FieldCondition,
         HasIdCondition,
         MatchValue,
     )
-    from qdrant_edge import Filter as EdgeFilter  # noqa: PLC0415 - optional dependency
+    from qdrant_edge import Filter as EdgeFilter
 
     if flt is None or not (flt.must_equal or flt.exclude_keys):
         return None

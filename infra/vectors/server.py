@@ -27,13 +27,13 @@ class QdrantServerStore:
         cls, url: str, api_key: str | None = None, *, timeout: int | None = None
     ) -> QdrantServerStore:
         """A store talking to the Qdrant server at ``url`` (REST), authenticated by ``api_key``."""
-        from qdrant_client import QdrantClient  # noqa: PLC0415 - optional dependency
+        from qdrant_client import QdrantClient
 
         return cls(QdrantClient(url=url, api_key=api_key, timeout=timeout))
 
     def ensure_collection(self, name: str, dim: int) -> None:
         """Create the collection if absent (cosine distance) and index the filtered fields."""
-        from qdrant_client import models  # noqa: PLC0415 - optional dependency
+        from qdrant_client import models
 
         if self._client.collection_exists(name):
             self._check_dim(name, dim)
@@ -47,7 +47,7 @@ class QdrantServerStore:
 
     def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None:
         """Insert or replace points by key (idempotent: same key, same point id)."""
-        from qdrant_client import models  # noqa: PLC0415 - optional dependency
+        from qdrant_client import models
 
         if not points:
             return
@@ -61,7 +61,7 @@ class QdrantServerStore:
 
     def delete(self, collection: str, keys: Sequence[str]) -> None:
         """Delete points by key; unknown keys are ignored."""
-        from qdrant_client import models  # noqa: PLC0415 - optional dependency
+        from qdrant_client import models
 
         if not keys:
             return
@@ -70,7 +70,7 @@ class QdrantServerStore:
 
     def delete_where(self, collection: str, field_name: str, value: str) -> None:
         """Delete every point whose payload ``field_name`` equals ``value``."""
-        from qdrant_client import models  # noqa: PLC0415 - optional dependency
+        from qdrant_client import models
 
         condition = _client_filter(Filter(must_equal={field_name: value}))
         if condition is not None:
@@ -101,7 +101,7 @@ class QdrantServerStore:
 
         All vectors go in one ``query_batch_points`` call (one round trip).
         """
-        from qdrant_client import models  # noqa: PLC0415 - optional dependency
+        from qdrant_client import models
 
         if not vectors:
             return []
@@ -124,7 +124,7 @@ class QdrantServerStore:
         self._client.close()
 
     def _check_dim(self, name: str, dim: int) -> None:
-        from qdrant_client import models  # noqa: PLC0415 - optional dependency
+        from qdrant_client import models
 
         params = self._client.get_collection(name).config.params.vectors
         if isinstance(params, models.VectorParams) and params.size != dim:
@@ -133,7 +133,7 @@ class QdrantServerStore:
 
 def _client_filter(flt: Filter | None) -> models.Filter | None:
     """Our filter as qdrant-client's: equalities under ``must``, excluded ids under ``must_not``."""
-    from qdrant_client import models  # noqa: PLC0415 - optional dependency
+    from qdrant_client import models
 
     if flt is None or not (flt.must_equal or flt.exclude_keys):
         return None
