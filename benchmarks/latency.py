@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from infra.settings import Settings, load_settings
 from producers.demo.data import catalog
 from producers.producer import BehaviorProducer
 from schemas.topics import ENCODE_REQUESTS, RECOMMENDATIONS, TopicSpec
+from streams.spawn import spawn_worker, stop_process
 
 KINDS = ("click", "view", "purchase")
 WARMUP_EVENTS = 20
@@ -236,36 +236,6 @@ def plan(
 # -- the stack -------------------------------------------------------------------------------
 
 
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "RECSTREAM_KAFKA__PARTITIONS": str(settings.kafka.partitions),
-        "RECSTREAM_DATA_DIR": str(settings.data_dir),
-        "RECSTREAM_STREAM__WEB_PORT": "0",
-        "RECSTREAM_DEVICE": "cpu",
-    }
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker", "--role", "all"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by pid, then SIGKILL if it lingers."""
-    if worker.poll() is not None:
-        return
-    worker.terminate()
-    try:
-        worker.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait(timeout=10)
-
-
 def wait_embedded(settings: Settings, total: int, alive: Callable[[], None]) -> None:
     """Block until the worker's group has committed ``total`` encode requests."""
     deadline = time.monotonic() + EMBED_TIMEOUT_S
@@ -359,7 +329,9 @@ def run(args: argparse.Namespace) -> tuple[Phase, Phase, Settings]:
         provision_topics(settings.kafka)
         provision_topics(settings.kafka, [FLOOR_TOPIC])
         log_path = Path(tmp) / "worker.log"
-        worker = start_worker(settings, log_path)
+        worker = spawn_worker(
+            settings, log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu"
+        )
 
         def alive() -> None:
             if worker.poll() is not None:
@@ -377,7 +349,7 @@ def run(args: argparse.Namespace) -> tuple[Phase, Phase, Settings]:
             print(f"worker log (tail):\n{tail}", file=sys.stderr)
             raise
         finally:
-            stop_worker(worker)
+            stop_process(worker)
     return pipeline, floor, settings
 
 

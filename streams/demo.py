@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from producers.demo.data import catalog, personas
 from producers.producer import BehaviorProducer
 from schemas.events import RecommendationEvent
 from schemas.topics import ENCODE_REQUESTS
+from streams.spawn import spawn_worker, stop_process
 
 WORKER_GROUP = "recstream"
 KINDS = (("view", 0.5), ("click", 0.3), ("add_to_cart", 0.1), ("purchase", 0.07), ("review", 0.03))
@@ -66,24 +66,6 @@ class View:
             lines.append("")
         lines.append("recent events: " + "; ".join(self.events[-4:]))
         return "\n".join(lines)
-
-
-def _start_worker(settings: Settings, bootstrap: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "RECSTREAM_DATA_DIR": str(settings.data_dir),
-    }
-    log = open(settings.data_dir / "worker.log", "wb")  # noqa: SIM115 - handed to the child
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker", "--role", "all"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    finally:
-        log.close()
 
 
 def _wait_embedded(
@@ -193,7 +175,7 @@ def run_demo(
             f"{settings.data_dir / 'worker.log'}",
             file=out,
         )
-        worker = _start_worker(settings, broker.bootstrap_servers)
+        worker = spawn_worker(settings, settings.data_dir / "worker.log")
         try:
             with BehaviorProducer(settings, source="demo") as producer:
                 for item in items:
@@ -203,11 +185,7 @@ def run_demo(
             with contextlib.suppress(KeyboardInterrupt):
                 _play(settings, view, rate, until, draw)
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_process(worker)
     print(view.render(), file=out)
     return 0
 

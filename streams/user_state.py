@@ -155,11 +155,34 @@ async def update_user_state(
 ) -> None:
     """Batch user updates and hand each batch to :class:`UserStateStep`."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
-        updates = []
+        batch: list[tuple[UserUpdate, Any]] = []
         for event in events:
             try:
-                updates.append(UserUpdate.model_validate_json(event.message.value))
+                batch.append((UserUpdate.model_validate_json(event.message.value), event.message))
             except ValidationError as exc:
                 step.sinks.dead(stage=STEP, message=event.message, exc=exc)
-        if updates:
-            step.run(updates)
+        if batch:
+            run_or_isolate(step, batch)
+
+
+#: Errors that mean "this update cannot be processed", as opposed to infrastructure failures
+#: (broker, vector store), which propagate so the worker backs off instead of skipping input.
+DATA_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+
+
+def run_or_isolate(step: UserStateStep, batch: list[tuple[UserUpdate, Any]]) -> None:
+    """Run the batch; on a data error, run its updates one by one and dead-letter the failures.
+
+    Updates applied before the failing one in the batch may be applied again in the retry (the
+    co-visitation counts of that batch can count twice); nothing is lost.
+    """
+    try:
+        step.run([up for up, _ in batch])
+        return
+    except DATA_ERRORS as exc:
+        log.warning("batch_failed", step=STEP, size=len(batch), error=type(exc).__name__)
+    for update, message in batch:
+        try:
+            step.run([update])
+        except DATA_ERRORS as exc:
+            step.sinks.dead(stage=STEP, message=message, exc=exc)

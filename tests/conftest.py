@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from infra.broker import EmbeddedBroker
-from infra.kafka import provision_topics
+from infra.kafka import consumer_config, group_progress, producer_config, provision_topics
 from infra.settings import Settings, load_settings
+from schemas.topics import DEAD_LETTER, RECOMMENDATIONS, topic_for_type
+from streams.spawn import spawn_worker, stop_process
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -38,34 +43,11 @@ class Stack:
     GROUP = "recstream"  # the worker's consumer group (its Faust app id)
 
     def __init__(self, settings: Settings, workdir: Path) -> None:
-        import json
-        import os
-        import subprocess
-        import sys
-
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-
-        from infra.kafka import consumer_config, producer_config
-        from schemas.topics import DEAD_LETTER, RECOMMENDATIONS
-
-        self._json = json
         self.settings = settings
         self.log_path = workdir / "worker.log"
-        env = {
-            **os.environ,
-            "RECSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-            "RECSTREAM_KAFKA__PARTITIONS": str(settings.kafka.partitions),
-            "RECSTREAM_DATA_DIR": str(settings.data_dir),
-            "RECSTREAM_STREAM__WEB_PORT": "0",
-            "RECSTREAM_DEVICE": "cpu",
-        }
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", "worker", "--role", "all"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.proc = spawn_worker(
+            settings, self.log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu"
+        )
         self.producer = Producer(producer_config(settings.kafka))
         self.reader = Consumer(
             consumer_config(settings.kafka, "test-reader", **{"enable.auto.commit": False})
@@ -82,11 +64,10 @@ class Stack:
 
     def publish(self, *events: dict) -> None:
         """Send event dicts to their topics, keyed as producers key them."""
-        from schemas.topics import topic_for_type
 
         for event in events:
             spec = topic_for_type(event["type"])
-            self.publish_raw(spec.name, event[spec.key], self._json.dumps(event).encode())
+            self.publish_raw(spec.name, event[spec.key], json.dumps(event).encode())
 
     def publish_raw(self, topic: str, key: str, value: bytes) -> None:
         self.producer.produce(topic, key=key.encode(), value=value)
@@ -94,10 +75,6 @@ class Stack:
 
     def wait_committed(self, topic: str, count: int, timeout_s: float = 120.0) -> None:
         """Block until the worker has committed ``count`` messages of ``topic``."""
-        import time
-
-        from infra.kafka import group_progress
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.assert_alive()
@@ -114,7 +91,7 @@ class Stack:
         message = self.reader.poll(timeout_s)
         while message is not None:
             if not message.error():
-                body = self._json.loads(message.value())
+                body = json.loads(message.value())
                 target = (
                     self.dead_letters if body["type"] == "dead_letter" else self.recommendations
                 )
@@ -123,7 +100,6 @@ class Stack:
 
     def wait_for(self, predicate, what: str, timeout_s: float = 90.0) -> dict:
         """The first recommendation or dead letter satisfying ``predicate``."""
-        import time
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -142,15 +118,9 @@ class Stack:
 
     def stop(self) -> None:
         """Stop the worker by pid: SIGTERM, then SIGKILL."""
-        import subprocess
 
         self.reader.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 @pytest.fixture

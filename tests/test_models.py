@@ -767,3 +767,45 @@ def test_user_state_step_forget_deletes_state_and_emits_nothing(store: EdgeVecto
     assert [key for key, _ in topic.sent] == [b"u1"]
     assert sorted(store.retrieve("reviews", ["review:old", "review:keep"])) == ["review:keep"]
     assert set(tables.popularity[POPULAR_KEY]) == {"b2"}  # u2's forgotten batch counts nowhere
+
+
+def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(tmp_path) -> None:
+    """When one update in a batch raises a data error, the others are still applied and only the
+    failing one goes to the dead-letter topic, with its original bytes."""
+    from types import SimpleNamespace
+
+    from streams.user_state import run_or_isolate
+
+    class Flaky:
+        """A step whose run fails for batches containing the poisoned user."""
+
+        def __init__(self) -> None:
+            self.applied: list[str] = []
+            self.sinks = SimpleNamespace(dead=self._dead)
+            self.dead: list[tuple[str, bytes]] = []
+
+        def _dead(self, *, stage: str, message, exc: Exception) -> None:
+            self.dead.append((stage, message.value))
+
+        def run(self, updates):
+            if any(u.user_id == "poison" for u in updates):
+                raise ValueError("cannot rank this user")
+            self.applied.extend(u.user_id for u in updates)
+            return []
+
+    def update(user: str) -> UserUpdate:
+        return UserUpdate(
+            event_id=f"e-{user}",
+            ts=TS,
+            received_ms=TS,
+            kind="behavior",
+            user_id=user,
+            event_type="view",
+            item_id="i1",
+        )
+
+    step = Flaky()
+    batch = [(update(u), SimpleNamespace(value=f"raw-{u}".encode())) for u in ("a", "poison", "b")]
+    run_or_isolate(step, batch)  # type: ignore[arg-type]
+    assert step.applied == ["a", "b"]
+    assert step.dead == [("update-user-state", b"raw-poison")]

@@ -135,3 +135,63 @@ def test_review_text_shapes_the_list_and_its_reasons(stack):
     ids = [i["item_id"] for i in rec["items"]]
     assert "coffee-001" not in ids  # reviewed = consumed
     assert sum(i.startswith("coffee-") for i in ids) >= 5, ids
+
+
+def test_cli_publish_then_tail_round_trip(stack, tmp_path):
+    """`recstream publish FILE` routes a JSONL file of items and clicks to their topics and
+    `recstream tail --user --json` prints the user's recommendation as one JSON line."""
+    import os
+    import subprocess
+    import sys
+
+    items = catalog()
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    env = {
+        **os.environ,
+        "RECSTREAM_BOOTSTRAP_SERVERS": stack.settings.kafka.bootstrap_servers,
+        "RECSTREAM_KAFKA__PARTITIONS": "1",
+    }
+    cli = [sys.executable, "-m", "infra.cli"]
+    done = subprocess.run(
+        [*cli, "publish", str(events)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"published {len(items)} events" in done.stdout
+    stack.wait_committed(ENCODE_REQUESTS.name, len(items))
+
+    clicks = tmp_path / "clicks.jsonl"
+    clicks.write_text(
+        "".join(
+            json.dumps({"type": "click", "user_id": "eve", "item_id": i}) + "\n"
+            for i in ("garden-001", "garden-002")
+        )
+    )
+    done = subprocess.run(
+        [*cli, "publish", str(clicks)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    tailed = subprocess.run(
+        [*cli, "tail", "--user", "eve", "--max", "1", "--timeout", "60", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert tailed.returncode == 0, tailed.stderr
+    (line,) = tailed.stdout.strip().splitlines()
+    rec = json.loads(line)
+    assert rec["user_id"] == "eve"
+    ids = [i["item_id"] for i in rec["items"]]
+    assert sum(i.startswith("garden-") for i in ids) >= 5, ids
