@@ -86,7 +86,11 @@ class EmbeddedBroker:
         ]
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         with open(self.log_file or os.devnull, "ab") as out:  # the child keeps its own handle
-            self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            # Its own session: a terminal's Ctrl-C reaches only us, and we stop the broker last,
+            # after the workers that still need it have shut down.
+            self._proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

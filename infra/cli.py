@@ -63,17 +63,21 @@ def _positive(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="recstream", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="recstream",
+        description="Real-time, explained recommendations from an event stream.",
+        epilog="Settings come from RECSTREAM_* environment variables; see docs/configuration.md.",
+    )
     parser.add_argument("--env-file", type=Path, help="settings file of RECSTREAM_* lines")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     up = sub.add_parser("up", help="embedded broker + topics + worker (role all); Ctrl-C stops all")
-    up.add_argument("--data-dir", type=Path)
-    up.add_argument("--port", type=int, default=9092)
+    up.add_argument("--data-dir", type=Path, help="vector store and worker state (default .data)")
+    up.add_argument("--port", type=int, default=9092, help="broker port (default 9092)")
     up.set_defaults(run=_handler("streams.up:cli_up"))
 
     demo = sub.add_parser("demo", help="`up` + demo catalogue + simulated users + live view")
-    demo.add_argument("--data-dir", type=Path)
+    demo.add_argument("--data-dir", type=Path, help="where the demo keeps its state (.data/demo)")
     demo.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
     demo.add_argument(
         "--duration",

@@ -67,6 +67,11 @@ class View:
         lines.append("recent events: " + "; ".join(self.events[-4:]))
         return "\n".join(lines)
 
+    def line(self, rec: RecommendationEvent) -> str:
+        """One list on one line, for output that is not a terminal."""
+        top = "; ".join(f"{i.item_id} ({i.reasons[0]})" for i in rec.items[:3])
+        return f"{rec.user_id} [{rec.latency_ms:.0f} ms]: {top}"
+
 
 def _wait_embedded(
     settings: Settings,
@@ -122,7 +127,11 @@ def _simulate(
 
 
 def _play(
-    settings: Settings, view: View, rate: float, until: float, draw: Callable[[], None]
+    settings: Settings,
+    view: View,
+    rate: float,
+    until: float,
+    draw: Callable[[RecommendationEvent], None],
 ) -> None:
     rng = random.Random(7)
     items = catalog()
@@ -143,7 +152,7 @@ def _play(
             rec = recs.poll(0.1)
             if rec is not None:
                 view.latest[rec.user_id] = rec
-                draw()
+                draw(rec)
             if time.monotonic() >= next_event:
                 _simulate(producer, rng, view.people, by_prefix, view)
                 next_event += 1.0 / rate
@@ -157,9 +166,11 @@ def run_demo(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     live = out.isatty()
 
-    def draw() -> None:
+    def draw(rec: RecommendationEvent) -> None:
         if live:
             print("\x1b[2J\x1b[H" + view.render(), file=out, flush=True)
+        else:
+            print(view.line(rec), file=out, flush=True)
 
     with EmbeddedBroker(port=port or None, log_file=settings.data_dir / "broker.log") as broker:
         settings = settings.model_copy(

@@ -33,6 +33,9 @@ def spawn_worker(
             env=worker_env(settings, **extra_env),
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Its own session: Ctrl-C reaches only the parent, which stops the worker (SIGTERM,
+            # graceful) before the broker it depends on.
+            start_new_session=True,
         )
 
 
