@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env-file", type=Path, help="settings file of RECSTREAM_* lines")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_stack_commands(sub)
+    _add_client_commands(sub)
+    _add_data_commands(sub)
+    schemas = sub.add_parser("schemas", help="event contracts")
+    schemas_sub = schemas.add_subparsers(
+        dest="schemas_command", required=True, parser_class=_Parser
+    )
+    export = schemas_sub.add_parser("export", help="write the JSON Schema of every event type")
+    export.add_argument("dir", type=Path)
+    export.set_defaults(run=_cli_schemas_export)
+    return parser
+
+
+def _add_stack_commands(sub: "argparse._SubParsersAction[_Parser]") -> None:
+    """up, demo, worker."""
     up = sub.add_parser("up", help="embedded broker + topics + worker (role all); Ctrl-C stops all")
     up.add_argument("--data-dir", type=Path, help="vector store and worker state (default .data)")
     up.add_argument("--port", type=int, default=9092, help="broker port (default 9092)")
@@ -92,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--role", choices=["all", "ingest", "encoder", "recommend"], default="all")
     worker.set_defaults(run=_handler("streams.up:cli_worker"))
 
+
+def _add_client_commands(sub: "argparse._SubParsersAction[_Parser]") -> None:
+    """publish, tail, archive."""
     publish = sub.add_parser("publish", help="publish events from a file to their topics")
     publish.add_argument("file", type=Path)
     publish.add_argument("--format", choices=["jsonl", "csv", "parquet"], default=None)
@@ -115,14 +133,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     archive.set_defaults(run=_handler("consumers.cli:cli_archive"))
 
-    schemas = sub.add_parser("schemas", help="event contracts")
-    schemas_sub = schemas.add_subparsers(
-        dest="schemas_command", required=True, parser_class=_Parser
+
+def _add_data_commands(sub: "argparse._SubParsersAction[_Parser]") -> None:
+    """replay, data import, eval, eval-online."""
+    replay = sub.add_parser("replay", help="event log -> topics, in event-time order")
+    replay.add_argument("log", type=Path, help="a Parquet event log (file or directory)")
+    replay.add_argument(
+        "--speed",
+        type=_speed,
+        default=None,
+        help="'max' (default) or a factor of event time, e.g. 60 = 1 h per minute",
     )
-    export = schemas_sub.add_parser("export", help="write the JSON Schema of every event type")
-    export.add_argument("dir", type=Path)
-    export.set_defaults(run=_cli_schemas_export)
-    return parser
+    replay.set_defaults(run=_handler("producers.replay:cli_replay"))
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    imp = data_sub.add_parser("import", help="a public dataset -> a Parquet event log")
+    imp.add_argument("--format", required=True, choices=["recbole", "movielens", "amazon-reviews"])
+    imp.add_argument("src", type=Path)
+    imp.add_argument("-o", "--out", type=Path, required=True)
+    imp.add_argument("--item-text", type=Path, default=None, help="CSV with columns item_id,text")
+    imp.set_defaults(run=_handler("producers.importers.cli:cli_import"))
+
+    ev = sub.add_parser("eval", help="offline evaluation of an event log")
+    ev.add_argument("log", type=Path)
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--protocol", choices=["loo", "prequential"], default="loo")
+    ev.add_argument("--models", default="mostpop,covisit,textknn,ranker")
+    ev.add_argument("--model-dir", type=Path, default=None)
+    ev.add_argument("--k", default="10,50", help="comma-separated cut-offs")
+    ev.add_argument(
+        "--unmasked",
+        action="store_true",
+        help="do not remove the user's earlier items from the ranking",
+    )
+    ev.set_defaults(run=_handler("models.evaluation.cli:cli_eval"))
+
+    online = sub.add_parser("eval-online", help="live HR@K from the recommendation topic")
+    online.add_argument("--k", type=int, default=10)
+    online.add_argument(
+        "--window",
+        type=_positive,
+        default=3600.0,
+        help="seconds of event time in which the next behaviour counts",
+    )
+    online.add_argument(
+        "--timeout",
+        type=_positive,
+        default=None,
+        help="stop after this many seconds without a message",
+    )
+    online.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    online.set_defaults(run=_handler("consumers.online_eval:cli_eval_online"))
 
 
 def _cli_schemas_export(args: argparse.Namespace) -> int:
