@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_stack_commands(sub: "argparse._SubParsersAction[_Parser]") -> None:
+def _add_stack_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     """up, demo, worker."""
     up = sub.add_parser("up", help="embedded broker + topics + worker (role all); Ctrl-C stops all")
     up.add_argument("--data-dir", type=Path, help="vector store and worker state (default .data)")
@@ -108,7 +108,7 @@ def _add_stack_commands(sub: "argparse._SubParsersAction[_Parser]") -> None:
     worker.set_defaults(run=_handler("streams.up:cli_worker"))
 
 
-def _add_client_commands(sub: "argparse._SubParsersAction[_Parser]") -> None:
+def _add_client_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     """publish, tail, archive."""
     publish = sub.add_parser("publish", help="publish events from a file to their topics")
     publish.add_argument("file", type=Path)
@@ -134,7 +134,7 @@ def _add_client_commands(sub: "argparse._SubParsersAction[_Parser]") -> None:
     archive.set_defaults(run=_handler("consumers.cli:cli_archive"))
 
 
-def _add_data_commands(sub: "argparse._SubParsersAction[_Parser]") -> None:
+def _add_data_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     """replay, data import, eval, eval-online."""
     replay = sub.add_parser("replay", help="event log -> topics, in event-time order")
     replay.add_argument("log", type=Path, help="a Parquet event log (file or directory)")
