@@ -98,10 +98,22 @@ class UserState:
 def apply_interaction(
     state: UserState, item_id: str, kind: str, ts: int, value: float | None, *, max_recent: int
 ) -> list[str]:
-    """Record one behaviour event; return the user's earlier recent items (for co-visitation)."""
-    before = [i.item_id for i in state.recent]
-    state.recent.append(Interaction(item_id, kind, ts, kind_weight(kind, value)))
-    del state.recent[:-max_recent]
+    """Record one behaviour event; return the user's earlier recent items (for co-visitation).
+
+    A repeat of the user's latest item (a review right after the purchase, a click after a view)
+    updates that interaction, keeping the stronger kind, instead of counting the item twice.
+    """
+    weight = kind_weight(kind, value)
+    last = state.recent[-1] if state.recent else None
+    if last is not None and last.item_id == item_id:
+        before = [i.item_id for i in state.recent[:-1]]
+        if weight >= last.weight:
+            last.kind, last.weight = kind, weight
+        last.ts = max(last.ts, ts)
+    else:
+        before = [i.item_id for i in state.recent]
+        state.recent.append(Interaction(item_id, kind, ts, weight))
+        del state.recent[:-max_recent]
     if kind in CONSUMED_KINDS and item_id not in state.consumed:
         state.consumed.append(item_id)
         del state.consumed[:-MAX_CONSUMED]

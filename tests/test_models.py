@@ -809,3 +809,19 @@ def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(tmp_path) ->
     run_or_isolate(step, batch)  # type: ignore[arg-type]
     assert step.applied == ["a", "b"]
     assert step.dead == [("update-user-state", b"raw-poison")]
+
+
+def test_a_repeat_of_the_latest_item_merges_into_one_interaction() -> None:
+    """A review right after buying the same item is one interaction with the stronger kind, and
+    co-visitation sees the same predecessors both times."""
+    state = UserState()
+    apply_interaction(state, "a", "view", TS, None, max_recent=50)
+    first = apply_interaction(state, "b", "review", TS + 1, 3.0, max_recent=50)
+    again = apply_interaction(state, "b", "purchase", TS + 2, None, max_recent=50)
+    assert [(i.item_id, i.kind, i.weight, i.ts) for i in state.recent] == [
+        ("a", "view", 1.0, TS),
+        ("b", "purchase", 5.0, TS + 2),
+    ]
+    assert first == again == ["a"]
+    assert state.consumed == ["b"]
+    assert state.events == 3
