@@ -8,6 +8,7 @@ the schema stays flat and stable as records gain fields.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -81,3 +82,45 @@ def from_row(row: dict[str, Any]) -> Event:
             continue
         data[name] = json.loads(value) if name in _JSON_COLUMNS else value
     return record.model_validate(data)
+
+
+#: Order of event types that share a timestamp: the catalogue first, then behaviour from the
+#: weakest signal to the strongest, the review after the purchase it follows, forget last.
+TYPE_ORDER: dict[str, int] = {
+    "item": 0,
+    "item_removed": 1,
+    "view": 2,
+    "click": 3,
+    "add_to_cart": 4,
+    "purchase": 5,
+    "rating": 6,
+    "review": 7,
+    "forget_user": 8,
+    "recommendation": 9,
+    "dead_letter": 10,
+}
+#: Columns an event log is sorted by: event time, then the tie-break. Events with equal ``ts`` are
+#: ordered by type (:data:`TYPE_ORDER`), then user id, then item id, then event id, so the
+#: order never depends on file order or on the reader.
+SORT_COLUMNS = ("ts", "_type_rank", "user_id", "item_id", "event_id")
+
+
+def sorted_log(frame: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """The event log in event-time order with the documented deterministic tie-break."""
+    lazy = frame.lazy()
+    ranked = lazy.with_columns(
+        pl.col("type").replace_strict(TYPE_ORDER, default=len(TYPE_ORDER)).alias("_type_rank")
+    )
+    return ranked.sort(list(SORT_COLUMNS), nulls_last=False).drop("_type_rank")
+
+
+def scan_log(path: Path) -> pl.LazyFrame:
+    """A lazy scan of an event log: one Parquet file, or every ``*.parquet`` in a directory."""
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no .parquet files in {path}")
+        return pl.scan_parquet(files)
+    if not path.is_file():
+        raise FileNotFoundError(f"event log not found: {path}")
+    return pl.scan_parquet(path)
