@@ -100,9 +100,11 @@ TYPE_ORDER: dict[str, int] = {
     "dead_letter": 10,
 }
 #: Columns an event log is sorted by: event time, then the tie-break. Events with equal ``ts`` are
-#: ordered by type (:data:`TYPE_ORDER`), then user id, then item id, then event id, so the
-#: order never depends on file order or on the reader.
-SORT_COLUMNS = ("ts", "_type_rank", "user_id", "item_id", "event_id")
+#: ordered by user id (catalogue events, which have none, first), then item id, then type
+#: (:data:`TYPE_ORDER`: a review right after the purchase of the same item), then event id, so
+#: the order never depends on file order or on the reader, and a user's events on one item stay
+#: together.
+SORT_COLUMNS = ("ts", "user_id", "item_id", "_type_rank", "event_id")
 
 
 def sorted_log(frame: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:

@@ -1,0 +1,187 @@
+"""``recstream eval LOG --out DIR``: baselines and the production ranker side by side."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from infra.cli import UserError, load_cli_settings
+from infra.settings import Settings
+from models.encoder import TextEncoder
+from models.evaluation.baselines import CoVisit, EvalModel, MostPop, Ranker, TextKnn
+from models.evaluation.data import Dataset, load_dataset
+from models.evaluation.protocols import run_loo, run_prequential
+from models.evaluation.report import write_results
+from models.state import Fusion
+
+log = structlog.get_logger(__name__)
+MODELS = ("mostpop", "covisit", "textknn", "ranker")
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise UserError(f"--k must be comma-separated whole numbers, not {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise UserError("--k needs at least one cut-off of 1 or more")
+    return ks
+
+
+def parse_models(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in (*MODELS, "trained")]
+    if unknown or not names:
+        raise UserError(
+            f"unknown model {unknown[0] if unknown else text!r}; choose from {', '.join(MODELS)}"
+        )
+    return names
+
+
+class Embeddings:
+    """Encoder vectors of texts, cached on disk by content and model version."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._encoder: TextEncoder | None = None
+
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            enc = self.settings.encoder
+            self._encoder = TextEncoder(
+                enc.model, device=enc.device, max_length=enc.max_length, batch_size=enc.batch_size
+            )
+        return self._encoder
+
+    def of(self, texts: Sequence[str], label: str) -> np.ndarray:
+        """Vectors of ``texts`` in order; each distinct text is encoded once and cached."""
+        encoder = self.encoder()
+        unique = sorted(set(texts))
+        digest = hashlib.sha256(encoder.version.encode())
+        for text in unique:
+            digest.update(text.encode())
+            digest.update(b"\0")
+        cache = self.settings.data_dir / "eval-cache" / f"{label}-{digest.hexdigest()[:16]}.npy"
+        if cache.is_file():
+            vectors = np.load(cache)
+        else:
+            started = time.monotonic()
+            print(f"embedding {len(unique):,} {label} texts ...", file=sys.stderr, flush=True)
+            vectors = encoder.encode(unique)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, vectors)
+            log.info(
+                "embedded",
+                what=label,
+                texts=len(unique),
+                seconds=round(time.monotonic() - started, 1),
+            )
+        row = {text: n for n, text in enumerate(unique)}
+        return vectors[[row[t] for t in texts]] if texts else vectors
+
+
+def build_models(
+    names: Sequence[str],
+    data: Dataset,
+    settings: Settings,
+    *,
+    k: int,
+    workdir: Path,
+    model_dir: Path | None,
+) -> list[EvalModel]:
+    models: list[EvalModel] = []
+    needs_text = any(n in ("textknn", "ranker", "trained") for n in names)
+    ids = data.catalogue
+    emb = Embeddings(settings) if needs_text else None
+    item_vectors = emb.of([data.item_text[i] for i in ids], "items") if emb else None
+    reviews = [i for i in data.interactions if i.kind == "review" and i.text]
+    review_vectors = emb.of([r.text or "" for r in reviews], "reviews") if emb and reviews else None
+    by_review = {
+        r.event_id: (r.user_id, v)
+        for r, v in zip(reviews, review_vectors if review_vectors is not None else [], strict=False)
+    }
+    for name in names:
+        if name == "mostpop":
+            models.append(MostPop())
+        elif name == "covisit":
+            models.append(CoVisit())
+        elif name == "textknn":
+            assert item_vectors is not None
+            models.append(TextKnn(ids, item_vectors))
+        else:
+            assert item_vectors is not None
+            fusion = Fusion.untrained(settings.ranking.behaviour_weight)
+            if name == "trained":
+                if model_dir is None:
+                    raise UserError("model 'trained' needs --model-dir")
+                fusion = Fusion.load(model_dir / "fusion.npz")
+            ranking = settings.ranking.model_copy(update={"k": k})
+            models.append(
+                Ranker.build(
+                    workdir / name,
+                    item_ids=ids,
+                    item_vectors=item_vectors,
+                    titles=data.item_title,
+                    reviews=by_review,
+                    ranking=ranking,
+                    fusion=fusion,
+                    name=name,
+                )
+            )
+    return models
+
+
+def cli_eval(args: argparse.Namespace) -> int:
+    settings = load_cli_settings(args)
+    ks = parse_ks(args.k)
+    names = parse_models(args.models)
+    if args.model_dir is not None and "trained" not in names:
+        names.append("trained")
+    try:
+        data = load_dataset(args.log)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    if not data.interactions:
+        raise UserError(f"{args.log} has no interactions to evaluate")
+    with tempfile.TemporaryDirectory(prefix="recstream-eval-") as tmp:
+        models = build_models(
+            names, data, settings, k=max(ks), workdir=Path(tmp), model_dir=args.model_dir
+        )
+        if args.protocol == "loo":
+            runs, popularity = run_loo(data, models, max(ks), masked=not args.unmasked)
+        else:
+            runs, popularity = run_prequential(data, models, max(ks))
+        vectors = None
+        for model in models:
+            if isinstance(model, TextKnn):
+                vectors = dict(zip(model.ids, model.vectors, strict=True))
+            if isinstance(model, Ranker):
+                model.recommender.store.close()
+    paths = write_results(
+        args.out,
+        dataset=data.name,
+        protocol=args.protocol,
+        runs=runs,
+        ks=ks,
+        catalogue=data.catalogue,
+        item_vectors=vectors,
+        popularity=popularity,
+        settings={
+            "masked": not args.unmasked,
+            "models": names,
+            "ranking": settings.ranking.model_dump(),
+        },
+        command="recstream " + shlex.join(sys.argv[1:]),
+    )
+    print(paths["md"].read_text())
+    print(f"wrote {paths['json']}, {paths['md']} and {len(paths['plots'])} plot(s)")
+    return 0
