@@ -19,7 +19,7 @@ from infra.settings import Settings
 from models.encoder import TextEncoder
 from models.evaluation.baselines import CoVisit, EvalModel, MostPop, Ranker, TextKnn
 from models.evaluation.data import Dataset, load_dataset
-from models.evaluation.protocols import run_loo, run_prequential
+from models.evaluation.protocols import Progress, run_loo, run_prequential
 from models.evaluation.report import write_results
 from models.state import Fusion
 
@@ -75,8 +75,13 @@ class Embeddings:
             vectors = np.load(cache)
         else:
             started = time.monotonic()
-            print(f"embedding {len(unique):,} {label} texts ...", file=sys.stderr, flush=True)
-            vectors = encoder.encode(unique)
+            progress = Progress(f"embedding {label}", len(unique))
+            chunks = []
+            for start in range(0, len(unique), 512):
+                chunks.append(encoder.encode(unique[start : start + 512]))
+                progress.update(start + len(chunks[-1]))
+            progress.update(len(unique), final=True)
+            vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
             cache.parent.mkdir(parents=True, exist_ok=True)
             np.save(cache, vectors)
             log.info(
