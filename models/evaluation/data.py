@@ -27,6 +27,24 @@ _COLUMNS = [
 ]
 
 
+_COLUMNS = [
+    "event_id",
+    "ts",
+    "type",
+    "source",
+    "user_id",
+    "item_id",
+    "value",
+    "rating",
+    "text",
+    "title",
+    "description",
+    "categories",
+    "attributes",
+    "available",
+]
+
+
 @dataclass(frozen=True, slots=True)
 class Interaction:
     """One interaction of a user with an item (a review carries its text)."""
@@ -57,7 +75,8 @@ class Dataset:
 
 def load_dataset(path: Path, name: str | None = None) -> Dataset:
     """Read an event log (a Parquet file or a directory of them) for evaluation."""
-    frame = sorted_log(scan_log(path)).collect()
+    # Only the columns evaluation reads; the frame is dropped once the interactions are built.
+    frame = sorted_log(scan_log(path)).select(_COLUMNS).collect()
     item_text: dict[str, str] = {}
     item_title: dict[str, str] = {}
     interactions: list[Interaction] = []
