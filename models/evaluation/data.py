@@ -16,21 +16,6 @@ _COLUMNS = [
     "event_id",
     "ts",
     "type",
-    "user_id",
-    "item_id",
-    "value",
-    "rating",
-    "text",
-    "title",
-    "description",
-    "categories",
-]
-
-
-_COLUMNS = [
-    "event_id",
-    "ts",
-    "type",
     "source",
     "user_id",
     "item_id",
