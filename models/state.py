@@ -53,6 +53,14 @@ class Interaction:
     weight: float
 
 
+def review_key(event_id: str) -> str:
+    """The vector-store key of a review: deterministic, so a replay overwrites, never duplicates.
+
+    The encoder stores a review's vector under it and the user state refers to it.
+    """
+    return f"review:{event_id}"
+
+
 @dataclass(slots=True)
 class ReviewRef:
     """A review of the user's whose vector is in the reviews collection under ``key``."""

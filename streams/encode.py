@@ -18,18 +18,13 @@ from pydantic import ValidationError
 
 from infra.vectors import VectorPoint, VectorStore, point_id
 from models.encoder import TextEncoder
-from models.state import SNIPPET_CHARS
+from models.state import SNIPPET_CHARS, review_key
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.topics import USER_UPDATES
 from streams.sinks import Output, Sinks
 
 STEP = "encode-text"
 log = structlog.get_logger(__name__)
-
-
-def review_key(event_id: str) -> str:
-    """The vector-store key of a review (deterministic: a replay overwrites, never duplicates)."""
-    return f"review:{event_id}"
 
 
 def coalesce(requests: Sequence[EncodeRequest]) -> list[EncodeRequest]:

@@ -28,7 +28,7 @@ from models.covisit import (
 )
 from models.evaluation.data import Interaction
 from models.recommender import Recommender, UserRequest, covisit_sources
-from models.state import Fusion, UserState, apply_interaction, apply_review
+from models.state import Fusion, UserState, apply_interaction, apply_review, review_key
 
 Step = list[Interaction]  # one interaction, or a repeat group of the same item
 
@@ -157,11 +157,6 @@ class TextKnn:
             top = top[np.argsort(-scores[top], kind="stable")]
             out.append([self.ids[i] for i in top if np.isfinite(scores[i])])
         return out
-
-
-def review_key(event_id: str) -> str:
-    """Same key scheme the encoder agent uses for review vectors."""
-    return f"review:{event_id}"
 
 
 class Ranker:
