@@ -88,7 +88,8 @@ class Recommender:
             )
             for r in requests
         ]
-        similar = self._similar(queries, requests)
+        excluded = [r.state.exclusions(self.cfg.exclude_seen) for r in requests]
+        similar = self._similar(queries, excluded)
         covisits = [
             covisit_scores(r.neighbours, [(i, 1.0) for i in covisit_sources(r.state)])
             for r in requests
@@ -103,7 +104,7 @@ class Recommender:
                     q,
                     r.state.recent,
                     r.state.reviews,
-                    r.state.exclusions(self.cfg.exclude_seen),
+                    ex,
                     sim,
                     cs,
                     src,
@@ -114,17 +115,20 @@ class Recommender:
                 self.cfg.k,
                 self.weights,
             )
-            for q, r, sim, (cs, src) in zip(queries, requests, similar, covisits, strict=True)
+            for q, r, ex, sim, (cs, src) in zip(
+                queries, requests, excluded, similar, covisits, strict=True
+            )
         ]
 
     def _similar(
-        self, queries: Sequence[np.ndarray | None], requests: Sequence[UserRequest]
+        self, queries: Sequence[np.ndarray | None], excluded: Sequence[set[str]]
     ) -> list[dict[str, float]]:
+        """Vector candidates per query, over-fetched by the longest exclusion list."""
         asked = [i for i, q in enumerate(queries) if q is not None]
         out: list[dict[str, float]] = [{} for _ in queries]
         if not asked:
             return out
-        longest = max(len(requests[i].state.exclusions(self.cfg.exclude_seen)) for i in asked)
+        longest = max(len(excluded[i]) for i in asked)
         hits = self.store.query_batch(
             self.items,
             [queries[i] for i in asked],  # type: ignore[misc]
