@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import MODULE, SCRIPT, run_cli
 
-from infra.broker import free_port
 from schemas.events import ALL_TYPES
-
-MODULE = [sys.executable, "-m", "infra.cli"]
-#: The console script's way in: ``infra.cli`` imported as a module, then ``main()``.
-SCRIPT = [sys.executable, "-c", "import sys; from infra.cli import main; sys.exit(main())"]
 
 
 def _run(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, entry: list[str] = MODULE
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI with a clean RECSTREAM_* environment (plus ``env``) in ``cwd``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RECSTREAM_")}
-    # Nothing here should reach a broker; if something does, it finds a closed port.
-    base["RECSTREAM_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
-    return subprocess.run(
-        [*entry, *args],
-        cwd=cwd,
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(args, cwd=cwd, env=env, entry=entry)
 
 
 def _one_error_line(result: subprocess.CompletedProcess[str], prefix: str) -> str:

@@ -4,12 +4,11 @@ published MostPop figures on the real datasets."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import run_cli
 
 from models.evaluation.baselines import CoVisit, MostPop, Request, TextKnn
 from models.evaluation.data import Interaction, load_dataset
@@ -114,11 +113,8 @@ def test_eval_cli_writes_results_for_the_baselines(tmp_path: Path) -> None:
     """`recstream eval --models mostpop,covisit` writes results.json with NAME@K keys per model."""
     log = _log(tmp_path, {f"u{n}": ["a", "b", "c", "d"][: 2 + n % 3] for n in range(12)})
     out = tmp_path / "out"
-    done = subprocess.run(
+    done = run_cli(
         [
-            sys.executable,
-            "-m",
-            "infra.cli",
             "eval",
             str(log),
             "--out",
@@ -128,10 +124,7 @@ def test_eval_cli_writes_results_for_the_baselines(tmp_path: Path) -> None:
             "--k",
             "1,2",
         ],
-        capture_output=True,
-        text=True,
         timeout=120,
-        check=False,
     )
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
@@ -147,13 +140,7 @@ def test_eval_cli_rejects_a_missing_log_and_a_bad_k(tmp_path: Path) -> None:
         ["eval", str(tmp_path / "none.parquet"), "--out", str(tmp_path)],
         ["eval", str(tmp_path), "--out", str(tmp_path), "--k", "ten"],
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "infra.cli", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_cli(args)
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1
         assert done.stderr.startswith("recstream: error:")

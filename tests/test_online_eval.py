@@ -5,13 +5,11 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 from confluent_kafka import Producer
 
 from consumers.online_eval import OnlineEvaluator, run_online_eval
@@ -243,20 +241,11 @@ def test_cli_eval_online_reads_both_topics_and_writes_the_json_report(
     )
     producer.produce(RECOMMENDATIONS.name, key=b"u", value=encode(rec))
     assert producer.flush(10) == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSTREAM_")}
-    env["RECSTREAM_BOOTSTRAP_SERVERS"] = settings.kafka.bootstrap_servers
+    env = {"RECSTREAM_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers}
     path = tmp_path / "out" / "online.json"
     args = ["eval-online", "--k", "10", "--timeout", "2", "--json", str(path)]
 
-    done = subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli(args, cwd=tmp_path, env=env)
 
     assert done.returncode == 0, done.stderr
     report = json.loads(path.read_text())

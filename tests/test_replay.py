@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 
 from consumers.consumer import read_topic
 from infra.broker import free_port
@@ -159,17 +157,7 @@ def test_replay_of_a_missing_log_is_a_user_error(tmp_path: Path) -> None:
 
 def test_cli_replay_of_a_missing_log_is_one_error_line(tmp_path: Path) -> None:
     """`recstream replay MISSING` exits 1 with one "recstream: error:" line and no traceback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSTREAM_")}
-    env["RECSTREAM_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{free_port()}"
-    result = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "replay", str(tmp_path / "nope.parquet")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli(["replay", str(tmp_path / "nope.parquet")], cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()

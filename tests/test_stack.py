@@ -6,6 +6,7 @@ import base64
 import json
 
 import pytest
+from clirun import run_cli
 
 from producers.demo.data import catalog
 from schemas.topics import BEHAVIOR, ENCODE_REQUESTS
@@ -140,27 +141,14 @@ def test_review_text_shapes_the_list_and_its_reasons(stack):
 def test_cli_publish_then_tail_round_trip(stack, tmp_path):
     """`recstream publish FILE` routes a JSONL file of items and clicks to their topics and
     `recstream tail --user --json` prints the user's recommendation as one JSON line."""
-    import os
-    import subprocess
-    import sys
-
     items = catalog()
     events = tmp_path / "events.jsonl"
     events.write_text("\n".join(json.dumps(i) for i in items) + "\n")
     env = {
-        **os.environ,
         "RECSTREAM_BOOTSTRAP_SERVERS": stack.settings.kafka.bootstrap_servers,
         "RECSTREAM_KAFKA__PARTITIONS": "1",
     }
-    cli = [sys.executable, "-m", "infra.cli"]
-    done = subprocess.run(
-        [*cli, "publish", str(events)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_cli(["publish", str(events)], env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"published {len(items)} events" in done.stdout
     stack.wait_committed(ENCODE_REQUESTS.name, len(items))
@@ -172,22 +160,10 @@ def test_cli_publish_then_tail_round_trip(stack, tmp_path):
             for i in ("garden-001", "garden-002")
         )
     )
-    done = subprocess.run(
-        [*cli, "publish", str(clicks)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli(["publish", str(clicks)], env=env, timeout=60)
     assert done.returncode == 0, done.stderr
-    tailed = subprocess.run(
-        [*cli, "tail", "--user", "eve", "--max", "1", "--timeout", "60", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    tailed = run_cli(
+        ["tail", "--user", "eve", "--max", "1", "--timeout", "60", "--json"], env=env, timeout=120
     )
     assert tailed.returncode == 0, tailed.stderr
     (line,) = tailed.stdout.strip().splitlines()
