@@ -329,8 +329,13 @@ def run(args: argparse.Namespace) -> tuple[Phase, Phase, Settings]:
         provision_topics(settings.kafka)
         provision_topics(settings.kafka, [FLOOR_TOPIC])
         log_path = Path(tmp) / "worker.log"
+        serving = (
+            {"RECSTREAM_SERVING__MODEL_DIR": str(args.model_dir.resolve())}
+            if args.model_dir
+            else {}
+        )
         worker = spawn_worker(
-            settings, log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu"
+            settings, log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu", **serving
         )
 
         def alive() -> None:
@@ -389,6 +394,7 @@ def report(args: argparse.Namespace, pipeline: Phase, floor: Phase, settings: Se
         "events": args.events,
         "rate": args.rate,
         "users": args.users,
+        "model_dir": str(args.model_dir) if args.model_dir else None,
         "partitions": settings.kafka.partitions,
         "achieved_rate": _round(pipeline.achieved_rate),
         "received": len(pipeline.latency_ms),
@@ -461,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--users", type=_positive(int), default=100, help="distinct users")
     parser.add_argument("--seed", type=int, default=7, help="seed of the event generator")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="serve this trained model (default: untrained)"
+    )
     return parser
 
 
@@ -469,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json: no such directory: {args.json.parent}")
+    if args.model_dir is not None and not (args.model_dir / "manifest.json").is_file():
+        parser.error(f"--model-dir: {args.model_dir} is not a model directory (no manifest.json)")
     configure_logging("warning")
     try:
         pipeline, floor, settings = run(args)

@@ -9,6 +9,7 @@ what the stream does differently from one-event-at-a-time evaluation (batching, 
 delay before a review's vector joins the user's state).
 
     python benchmarks/online_vs_offline.py LOG [--rate 40] [--limit N] [--k 10] [--json OUT]
+                                           [--model-dir MODEL_DIR]
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def _publish(settings: Settings, rows: list[dict[str, Any]], rate: float | None)
     return time.monotonic() - started
 
 
-def online(log: Path, rate: float, k: int, tmp: Path) -> dict[str, Any]:
+def online(
+    log: Path, rate: float, k: int, tmp: Path, *, model_dir: Path | None, from_ts: int | None
+) -> dict[str, Any]:
     """Replay the log into a real worker and judge its lists online."""
     frame = load_sorted_log(log)
     items = [r for r in iter_rows(frame) if r["type"] == "item"]
@@ -80,8 +83,13 @@ def online(log: Path, rate: float, k: int, tmp: Path) -> dict[str, Any]:
             data_dir=tmp / "data", kafka={"bootstrap_servers": broker.bootstrap_servers}
         )
         provision_topics(settings.kafka)
+        serving = {"RECSTREAM_SERVING__MODEL_DIR": str(model_dir)} if model_dir else {}
         worker = spawn_worker(
-            settings, tmp / "worker.log", RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu"
+            settings,
+            tmp / "worker.log",
+            RECSTREAM_STREAM__WEB_PORT="0",
+            RECSTREAM_DEVICE="cpu",
+            **serving,
         )
         try:
             _publish(settings, items, None)
@@ -91,7 +99,12 @@ def online(log: Path, rate: float, k: int, tmp: Path) -> dict[str, Any]:
             _wait_committed(settings, ENCODE_REQUESTS.name, len(items) + reviews, 1800)
             _wait_committed(settings, USER_UPDATES.name, len(rest) + reviews, 1800)
             report = run_online_eval(
-                settings, k, window_s=10 * 365 * 86400, timeout_s=10.0, out=sys.stderr
+                settings,
+                k,
+                window_s=10 * 365 * 86400,
+                timeout_s=10.0,
+                out=sys.stderr,
+                score_from_ts=from_ts,
             )
         finally:
             stop_process(worker)
@@ -100,12 +113,15 @@ def online(log: Path, rate: float, k: int, tmp: Path) -> dict[str, Any]:
     return report
 
 
-def offline(log: Path, k: int, tmp: Path) -> dict[str, Any]:
-    """Offline prequential evaluation of the production ranker on the same log."""
+def offline(
+    log: Path, k: int, tmp: Path, *, model_dir: Path | None, from_ts: int | None
+) -> dict[str, Any]:
+    """Offline prequential evaluation of the production ranker (or trained model) on the log."""
     settings = load_settings(data_dir=Path(".data"))
     data = load_dataset(log)
-    models = build_models(["ranker"], data, settings, k=k, workdir=tmp / "offline", model_dir=None)
-    (run,), popularity = run_prequential(data, models, k)
+    name = "trained" if model_dir else "ranker"
+    models = build_models([name], data, settings, k=k, workdir=tmp / "offline", model_dir=model_dir)
+    (run,), popularity = run_prequential(data, models, k, score_from_ts=from_ts)
     return summarize(run, [k], catalogue=data.catalogue, item_vectors=None, popularity=popularity)
 
 
@@ -116,7 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N events")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="serve this trained model (one trained with --holdout time on the log); only events "
+        "from its trained_until_ts on are scored, online and offline",
+    )
     args = parser.parse_args(argv)
+    from_ts = None
+    if args.model_dir is not None:
+        from models.trained import read_manifest
+
+        from_ts = read_manifest(args.model_dir)["holdout"]["trained_until_ts"]
     configure_logging("warning")
     with tempfile.TemporaryDirectory(prefix="recstream-online-") as tmp_name:
         tmp = Path(tmp_name)
@@ -125,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             log = tmp / "limited.parquet"
             load_sorted_log(args.log).head(args.limit).write_parquet(log)
         started = time.monotonic()
-        got_online = online(log, args.rate, args.k, tmp)
-        got_offline = offline(log, args.k, tmp)
+        got_online = online(log, args.rate, args.k, tmp, model_dir=args.model_dir, from_ts=from_ts)
+        got_offline = offline(log, args.k, tmp, model_dir=args.model_dir, from_ts=from_ts)
     key = f"HR@{args.k}"
     on, off = got_online[key], got_offline[key]
     result = {
@@ -135,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "log": str(args.log),
         "events_limit": args.limit,
         "rate": args.rate,
+        "model_dir": str(args.model_dir) if args.model_dir else None,
+        "scored_from_ts": from_ts,
         "online": got_online,
         "offline": got_offline,
         "relative_difference": abs(on - off) / off if off else None,

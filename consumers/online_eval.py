@@ -82,11 +82,12 @@ class _UserTrack:
 class OnlineEvaluator:
     """HR/NDCG/MRR@K from a behaviour stream and the lists recommended along it (pure, no I/O)."""
 
-    def __init__(self, k: int, window_ms: int) -> None:
+    def __init__(self, k: int, window_ms: int, score_from_ts: int | None = None) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
         self.k = k
         self.window_ms = window_ms
+        self.score_from_ts = score_from_ts  # earlier targets are not scored (a model's training)
         self._users: dict[str, _UserTrack] = {}
         self.events = self.targets = self.scored = self.unmatched = self.out_of_window = 0
         self.recommendations = 0
@@ -104,6 +105,8 @@ class OnlineEvaluator:
         target = next(next_targets([previous, step]), None) if previous is not None else None
         if previous is None or target is not None:
             user.previous = step
+        if target is not None and self.score_from_ts is not None and step.ts < self.score_from_ts:
+            target = None
         if target is not None:
             self.targets += 1
             if step.ts - target.previous.ts > self.window_ms:
@@ -248,6 +251,7 @@ def run_online_eval(
     timeout_s: float | None,
     *,
     out: TextIO | None = None,
+    score_from_ts: int | None = None,
 ) -> dict[str, Any]:
     """Judge every recommendation on the topics from the beginning; returns the final report.
 
@@ -258,7 +262,7 @@ def run_online_eval(
     if k < 1:
         raise UserError(f"--k must be at least 1, not {k}")
     wait_for_broker(settings.kafka)
-    evaluator = OnlineEvaluator(k, round(window_s * 1000))
+    evaluator = OnlineEvaluator(k, round(window_s * 1000), score_from_ts)
     conf = consumer_config(
         settings.kafka, f"recstream-eval-{uuid.uuid4().hex}", **{"enable.auto.commit": False}
     )
@@ -287,7 +291,9 @@ def run_online_eval(
 def cli_eval_online(args: argparse.Namespace) -> int:
     """``recstream eval-online``: live figures, then the final ones (and ``--json PATH``)."""
     settings = load_cli_settings(args)
-    report = run_online_eval(settings, args.k, args.window, args.timeout)
+    report = run_online_eval(
+        settings, args.k, args.window, args.timeout, score_from_ts=args.from_ts
+    )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

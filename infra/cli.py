@@ -163,11 +163,29 @@ def _add_data_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     ev.add_argument("--model-dir", type=Path, default=None)
     ev.add_argument("--k", default="10,50", help="comma-separated cut-offs")
     ev.add_argument(
+        "--mmr-sweep",
+        default=None,
+        help="comma-separated MMR lambdas: also rank with each, for the accuracy/diversity plot",
+    )
+    ev.add_argument(
         "--unmasked",
         action="store_true",
         help="do not remove the user's earlier items from the ranking",
     )
     ev.set_defaults(run=_handler("models.evaluation.cli:cli_eval"))
+
+    train = sub.add_parser("train", help="train the ranking model from an event log")
+    train.add_argument("log", type=Path, help="a Parquet event log (file or directory)")
+    train.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    train.add_argument(
+        "--holdout",
+        choices=["loo", "time"],
+        default="loo",
+        help="validation events: each user's second-to-last item (loo), or a later time slice",
+    )
+    train.add_argument("--max-epochs", type=int, default=40, help="sequential model epochs at most")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=_handler("models.training:cli_train"))
 
     online = sub.add_parser("eval-online", help="live HR@K from the recommendation topic")
     online.add_argument("--k", type=int, default=10)
@@ -184,6 +202,12 @@ def _add_data_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="stop after this many seconds without a message",
     )
     online.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    online.add_argument(
+        "--from-ts",
+        type=int,
+        default=None,
+        help="score only interactions at or after this time (ms), e.g. a model's trained_until_ts",
+    )
     online.set_defaults(run=_handler("consumers.online_eval:cli_eval_online"))
 
 
@@ -223,6 +247,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("producers.publish", "PublishError"),
         ("models.encoder", "EncoderLoadError"),
+        ("models.trained", "ModelDirError"),
     ):
         try:
             errors.append(getattr(importlib.import_module(module), name))

@@ -79,6 +79,16 @@ class RankingSettings(BaseModel):
     exclude_seen: bool = True
 
 
+class ServingSettings(BaseModel):
+    """Which trained model the recommend agent serves, and how often it looks for a new one."""
+
+    model_config = _FROZEN
+    model_dir: Path | None = None  # None = the untrained ranker
+    watch_s: float = Field(
+        default=5.0, ge=0.0, description="seconds between checks of model_dir; 0 = never reload"
+    )
+
+
 class StreamSettings(BaseModel):
     """Faust worker settings."""
 
@@ -109,6 +119,7 @@ class Settings(BaseSettings):
     encoder: EncoderSettings = EncoderSettings()
     ranking: RankingSettings = RankingSettings()
     stream: StreamSettings = StreamSettings()
+    serving: ServingSettings = ServingSettings()
     # Short top-level aliases named in the design documents.
     bootstrap_servers: str | None = None
     qdrant_url: str | None = None

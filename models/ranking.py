@@ -15,6 +15,7 @@ from models.state import VERBS, Interaction, ReviewRef
 POPULARITY_WEIGHT = 0.05
 MAX_REASONS = 2
 POOL_FACTOR = 4
+POPULAR_REASON = "popular with other people right now"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,8 @@ class RankInput:
     covisit: Mapping[str, float] = field(default_factory=dict)  # item -> [0, 1]
     covisit_source: Mapping[str, str] = field(default_factory=dict)  # item -> history item
     popular: Mapping[str, float] = field(default_factory=dict)  # item -> [0, 1]
+    scores: Mapping[str, float] | None = None  # a trained re-ranker's scores (replace the sum)
+    lead: Mapping[str, str] = field(default_factory=dict)  # item -> reason kind to put first
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,12 @@ def _quote(title: str, limit: int = 60) -> str:
 
 
 def _base_scores(inp: RankInput, items: Mapping[str, ItemInfo], w: Weights) -> dict[str, float]:
+    if inp.scores is not None:
+        return {
+            i: s
+            for i, s in inp.scores.items()
+            if i not in inp.exclude and (info := items.get(i)) is not None and info.available
+        }
     candidates = set(inp.similar) | set(inp.covisit) | set(inp.popular)
     scores: dict[str, float] = {}
     for item_id in candidates:
@@ -85,6 +94,8 @@ def mmr_select(
         return []
     vecs = np.stack([items[i].vector for i in pool])
     rel = np.array([scores[i] for i in pool])
+    spread = float(rel.max() - rel.min())  # relevance on [0, 1], so lambda means the same for
+    rel = (rel - rel.min()) / spread if spread > 0 else np.ones_like(rel)  # any score scale
     chosen: list[int] = []
     max_sim = np.full(len(pool), -np.inf)
     for _ in range(min(k, len(pool))):
@@ -103,8 +114,12 @@ def explain(
     items: Mapping[str, ItemInfo],
     review_vectors: Mapping[str, np.ndarray],
 ) -> list[str]:
-    """Human-readable reasons, strongest first: history item, review, co-visitation, popularity."""
-    found: list[tuple[float, str]] = []
+    """Human-readable reasons, strongest first: history item, review, co-visitation, popularity.
+
+    When a trained re-ranker says which signal lifted the item most (``inp.lead``), the reason of
+    that kind comes first.
+    """
+    found: list[tuple[float, str, str]] = []
     kinds: dict[str, str] = {}
     strongest: dict[str, float] = {}
     for inter in inp.history:  # the strongest interaction per item gives the verb
@@ -117,23 +132,26 @@ def explain(
     )
     if best_hist is not None:
         sim, h = best_hist
-        found.append((sim, f"because you {VERBS.get(kinds[h], 'viewed')} {_quote(items[h].title)}"))
+        verb = VERBS.get(kinds[h], "viewed")
+        found.append((sim, "history", f"because you {verb} {_quote(items[h].title)}"))
     for ref in inp.reviews:
         vec = review_vectors.get(ref.key)
         if vec is None:
             continue
         sim = float(item.vector @ vec)
         about = items[ref.item_id].title if ref.item_id in items else ref.item_id
-        found.append((sim, f"close to your review of {_quote(about)}: {_quote(ref.snippet, 40)}"))
+        text = f"close to your review of {_quote(about)}: {_quote(ref.snippet, 40)}"
+        found.append((sim, "history", text))
     source = inp.covisit_source.get(item.item_id)
     if source and inp.covisit.get(item.item_id, 0.0) > 0.0 and source in items:
         strength = 0.5 + 0.5 * inp.covisit[item.item_id]
-        found.append((strength, f"often viewed together with {_quote(items[source].title)}"))
-    found.sort(key=lambda r: -r[0])
-    reasons = list(dict.fromkeys(text for _, text in found))[:MAX_REASONS]
-    if not reasons:
-        reasons = ["popular with other people right now"]
-    return reasons
+        text = f"often viewed together with {_quote(items[source].title)}"
+        found.append((strength, "covisit", text))
+    lead = inp.lead.get(item.item_id)
+    if lead == "popular" or not found:
+        found.insert(0, (np.inf, "popular", POPULAR_REASON))
+    found.sort(key=lambda r: (r[1] != lead, -r[0]))
+    return list(dict.fromkeys(text for _, _, text in found))[:MAX_REASONS]
 
 
 def rank(

@@ -14,7 +14,9 @@ from infra.settings import RankingSettings
 from infra.vectors import Filter, VectorPoint, VectorStore
 from models.covisit import Neighbours, covisit_scores
 from models.ranking import ItemInfo, Ranked, RankInput, Weights, rank
+from models.reranker import SIGNAL_REASON, Signals, signals
 from models.state import Fusion, UserState, behaviour_vector, history_keys, text_vector
+from models.trained import TrainedModel
 
 COVISIT_SOURCES = 5
 
@@ -48,8 +50,21 @@ def _info(point: VectorPoint) -> ItemInfo | None:
     )
 
 
+@dataclass(slots=True)
+class _Batch:
+    items: dict[str, ItemInfo]
+    review_vecs: dict[str, np.ndarray]
+    inputs: list[RankInput]
+    signals: list[Signals] | None = None
+
+
 class Recommender:
-    """Fusion query -> vector candidates + co-visitation + popularity -> ranked, explained lists."""
+    """Fusion query -> vector candidates + co-visitation + popularity -> ranked, explained lists.
+
+    With a :class:`~models.trained.TrainedModel`, the sequential model adds its own candidates
+    (known items from its vocabulary, new items through a text query to the store) and the trained
+    re-ranker scores every candidate from its signals; without one, a hand-weighted sum does.
+    """
 
     def __init__(
         self,
@@ -58,13 +73,20 @@ class Recommender:
         fusion: Fusion,
         items_collection: str,
         reviews_collection: str,
+        *,
+        model: TrainedModel | None = None,
     ) -> None:
         self.store = store
         self.cfg = ranking
-        self.fusion = fusion
         self.items = items_collection
         self.reviews = reviews_collection
         self.weights = Weights(covisit=ranking.covisit_weight, mmr_lambda=ranking.mmr_lambda)
+        self.fallback = fusion
+        self.model = model  # switch by assigning; a ``recommend`` call uses one model throughout
+
+    @property
+    def version(self) -> str:
+        return self.model.version if self.model is not None else self.fallback.version
 
     def _items(self, keys: Sequence[str]) -> dict[str, ItemInfo]:
         points = self.store.retrieve(self.items, list(keys)) if keys else {}
@@ -76,13 +98,45 @@ class Recommender:
         """One ranked list per request, in order; the store is called a fixed number of times."""
         if not requests:
             return []
+        model = self.model  # one model for the whole batch, even if another is switched in
+        batch = self._gather(requests, popular or {}, model)
+        out = []
+        for n, inp in enumerate(batch.inputs):
+            if batch.signals is not None and model is not None:
+                sig = batch.signals[n]
+                scores = model.reranker.score(sig.values).tolist()
+                inp.scores = dict(zip(sig.items, scores, strict=True))
+                leads = model.reranker.lead_signal(sig.values)
+                inp.lead = {i: SIGNAL_REASON[s] for i, s in zip(sig.items, leads, strict=True)}
+            out.append(rank(inp, batch.items, batch.review_vecs, self.cfg.k, self.weights))
+        return out
+
+    def signals(
+        self, requests: Sequence[UserRequest], popular: Mapping[str, float] | None = None
+    ) -> list[Signals]:
+        """Each request's candidates and their re-ranker signals (what training fits on)."""
+        model = self.model
+        if model is None:
+            raise ValueError("signals need a trained model")
+        batch = self._gather(requests, popular or {}, model)
+        assert batch.signals is not None
+        return batch.signals
+
+    def _gather(
+        self,
+        requests: Sequence[UserRequest],
+        popular: Mapping[str, float],
+        model: TrainedModel | None,
+    ) -> _Batch:
+        """Candidates, item vectors and (with a model) signals for a batch of users."""
+        fusion = model.fusion if model is not None else self.fallback
         item_keys, review_keys = history_keys([r.state for r in requests])
         items = self._items(item_keys)
         rev_points = self.store.retrieve(self.reviews, review_keys) if review_keys else {}
         review_vecs = {k: p.vector for k, p in rev_points.items() if p.vector is not None}
         item_vecs = {k: i.vector for k, i in items.items()}
         queries = [
-            self.fusion.query(
+            fusion.query(
                 behaviour_vector(r.state, item_vecs, self.cfg.half_life_events),
                 text_vector(r.state, review_vecs),
             )
@@ -94,37 +148,78 @@ class Recommender:
             covisit_scores(r.neighbours, [(i, 1.0) for i in covisit_sources(r.state)])
             for r in requests
         ]
-        pop = self._popular_scores(popular or {})
+        pop = self._popular_scores(popular)
         wanted = {i for cs, _ in covisits for i in cs} | set(pop)
         wanted |= {i for s in similar for i in s}
-        items.update(self._items([i for i in wanted if i not in items]))
-        return [
-            rank(
-                RankInput(
-                    q,
-                    r.state.recent,
-                    r.state.reviews,
-                    ex,
-                    sim,
-                    cs,
-                    src,
-                    pop,
-                ),
-                items,
-                review_vecs,
-                self.cfg.k,
-                self.weights,
+        users = None
+        extra: list[list[str]] = [[] for _ in requests]
+        if model is not None:
+            users = model.user_vectors(
+                [[i.item_id for i in r.state.recent] for r in requests], item_vecs
             )
+            longest = max(len(e) for e in excluded)
+            known = model.top_known(users, self.cfg.candidates + longest)
+            new = self._similar(list(model.text_queries(users)), excluded, skip_zero=True)
+            extra = [k + list(nw) for k, nw in zip(known, new, strict=True)]
+            wanted |= {i for e in extra for i in e}
+        items.update(self._items([i for i in wanted if i not in items]))
+        inputs = [
+            RankInput(q, r.state.recent, r.state.reviews, ex, sim, cs, src, pop)
             for q, r, ex, sim, (cs, src) in zip(
                 queries, requests, excluded, similar, covisits, strict=True
             )
         ]
+        batch = _Batch(items, review_vecs, inputs)
+        if model is not None and users is not None:
+            vecs = {k: i.vector for k, i in items.items()}
+            batch.signals = [
+                self._signals(model, inp, r, u, e, items, vecs, popular)
+                for inp, r, u, e in zip(inputs, requests, users, extra, strict=True)
+            ]
+        return batch
+
+    @staticmethod
+    def _signals(  # noqa: PLR0917 - one call site, every argument a different part of the batch
+        model: TrainedModel,
+        inp: RankInput,
+        req: UserRequest,
+        user: np.ndarray,
+        extra: Sequence[str],
+        items: Mapping[str, ItemInfo],
+        vecs: Mapping[str, np.ndarray],
+        popular: Mapping[str, float],
+    ) -> Signals:
+        pool = dict.fromkeys([*inp.similar, *inp.covisit, *inp.popular, *extra])
+        cands = [i for i in pool if i not in inp.exclude and i in items and items[i].available]
+        mat = np.stack([vecs[i] for i in cands]) if cands else np.zeros((0, 1), np.float32)
+        fusion = mat @ inp.query if inp.query is not None and cands else np.zeros(len(cands))
+        last = req.state.recent[-1].item_id if req.state.recent else None
+        recency = (
+            mat @ vecs[last]
+            if last is not None and last in vecs and cands
+            else np.zeros(len(cands))
+        )
+        return signals(
+            cands,
+            sequential=model.item_scores(user, cands, vecs),
+            fusion=fusion,
+            covisit=inp.covisit,
+            last_neighbours=req.neighbours.get(last) if last else None,
+            popular=popular,
+            recency=recency,
+        )
 
     def _similar(
-        self, queries: Sequence[np.ndarray | None], excluded: Sequence[set[str]]
+        self,
+        queries: Sequence[np.ndarray | None],
+        excluded: Sequence[set[str]],
+        *,
+        skip_zero: bool = False,
     ) -> list[dict[str, float]]:
         """Vector candidates per query, over-fetched by the longest exclusion list."""
-        asked = [i for i, q in enumerate(queries) if q is not None]
+        asked = [
+            i for i, q in enumerate(queries) if q is not None and not (skip_zero and not np.any(q))
+        ]
         out: list[dict[str, float]] = [{} for _ in queries]
         if not asked:
             return out

@@ -7,12 +7,18 @@ never loads the encoder or opens the vector store).
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
+
+import structlog
 
 from infra.settings import Settings
 from infra.vectors import VectorStore, open_vector_store
 from models.encoder import EncoderLoadError, TextEncoder
 from models.recommender import Recommender
 from models.state import Fusion
+from models.trained import TrainedModel, manifest_version
+
+log = structlog.get_logger(__name__)
 
 
 class Services:
@@ -53,21 +59,48 @@ class Services:
     @cached_property
     def _recommender(self) -> Recommender:
         s = self.settings
+        model_dir = s.serving.model_dir
         return Recommender(
             self.store(),
             s.ranking,
             Fusion.untrained(s.ranking.behaviour_weight),
             s.vectors.items_collection,
             s.vectors.reviews_collection,
+            model=self.load_model(model_dir) if model_dir is not None else None,
         )
 
     def recommender(self) -> Recommender:
         return self._recommender
 
+    def load_model(self, path: Path) -> TrainedModel:
+        """Load the trained model in ``path`` (a clear error if it is not a model directory)."""
+        device = "cuda" if self.settings.encoder.device == "cuda" else "cpu"
+        model = TrainedModel.load(path, device=device)
+        log.info("model_loaded", version=model.version, path=str(path), device=device)
+        return model
+
+    def changed_model(self) -> TrainedModel | None:
+        """The model now in the watched directory, if its version differs from the served one.
+
+        A directory being replaced (no readable manifest) or a damaged model is skipped, and the
+        served model stays; the next check tries again.
+        """
+        path = self.settings.serving.model_dir
+        if path is None:
+            return None
+        version = manifest_version(path)
+        if version is None or version == self._recommender.version:
+            return None
+        try:
+            return self.load_model(path)
+        except ValueError as exc:
+            log.warning("model_not_loaded", path=str(path), error=str(exc))
+            return None
+
     def model_version(self) -> str:
         """Names the ranker and the encoder that produced a list."""
         encoder = self._encoder.version if "_encoder" in self.__dict__ else "remote-encoder"
-        return f"{self._recommender.fusion.version}+{encoder}"
+        return f"{self._recommender.version}+{encoder}"
 
     def close(self) -> None:
         if "_store" in self.__dict__:

@@ -16,11 +16,13 @@ update-user-state, ``all`` runs every agent in one worker.
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import faust
+import structlog
 
 from infra.kafka import faust_broker_options
 from infra.settings import Settings
@@ -33,6 +35,8 @@ from streams.sinks import Sinks
 from streams.transport import TunedApp
 from streams.user_state import STEP as USER_STATE_STEP
 from streams.user_state import Tables, UserStateStep, update_user_state
+
+log = structlog.get_logger(__name__)
 
 Role = Literal["all", "ingest", "encoder", "recommend"]
 ROLES: tuple[Role, ...] = ("all", "ingest", "encoder", "recommend")
@@ -127,7 +131,7 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
             store=services.store(),
             reviews_collection=settings.vectors.reviews_collection,
             sinks=sinks,
-            model_version=services.model_version(),
+            model_version=services.model_version,
             max_recent=settings.ranking.recent_items,
         )
 
@@ -138,4 +142,16 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
             user_state_agent
         )
         topo.tables = tables
+        if settings.serving.model_dir is not None and settings.serving.watch_s > 0:
+
+            @app.timer(settings.serving.watch_s, name="watch-model")
+            async def watch_model() -> None:
+                """Switch to a newly trained model without a restart (loaded off the loop)."""
+                model = await asyncio.get_running_loop().run_in_executor(
+                    None, services.changed_model
+                )
+                if model is not None:
+                    services.recommender().model = model
+                    log.info("model_switched", version=model.version)
+
     return topo

@@ -8,7 +8,7 @@ per touched item, and all users are ranked with one round of batched vector-stor
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,7 @@ class UserStateStep:
         store: VectorStore,
         reviews_collection: str,
         sinks: Sinks,
-        model_version: str,
+        model_version: str | Callable[[], str],
         max_recent: int,
     ) -> None:
         self.tables = tables
@@ -139,12 +139,13 @@ class UserStateStep:
                 src: n for src in covisit_sources(req.state) if (n := self.tables.covisit.get(src))
             }
         lists = self.recommender.recommend([r for r, _ in requests], popular)
+        version = self.model_version() if callable(self.model_version) else self.model_version
         events = []
         for (req, trigger), ranked in zip(requests, lists, strict=True):
             if not ranked:  # nothing recommendable yet (e.g. the catalogue is still embedding)
                 log.info("nothing_to_recommend", step=STEP, user_id=req.user_id)
                 continue
-            event = recommendation_event(req.user_id, trigger, ranked, self.model_version)
+            event = recommendation_event(req.user_id, trigger, ranked, version)
             self.sinks.send(Output(RECOMMENDATIONS, req.user_id, encode(event)))
             events.append(event)
         return events

@@ -42,11 +42,11 @@ class Stack:
 
     GROUP = "recstream"  # the worker's consumer group (its Faust app id)
 
-    def __init__(self, settings: Settings, workdir: Path) -> None:
+    def __init__(self, settings: Settings, workdir: Path, **env: str) -> None:
         self.settings = settings
         self.log_path = workdir / "worker.log"
         self.proc = spawn_worker(
-            settings, self.log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu"
+            settings, self.log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu", **env
         )
         self.producer = Producer(producer_config(settings.kafka))
         self.reader = Consumer(

@@ -55,6 +55,21 @@ def test_a_hit_and_a_miss_give_the_expected_hr_ndcg_and_mrr() -> None:
     assert set(report) >= {"HR@3", "NDCG@3", "MRR@3", "scored", "hits", "unmatched"}
 
 
+def test_targets_before_score_from_ts_are_not_scored() -> None:
+    """With a scoring start (a trained model's ``trained_until_ts``), a target before it is not
+    counted; the next one after it is judged by the list shown before it."""
+    ev = OnlineEvaluator(3, 3_600_000, score_from_ts=T0 + 2 * MINUTE)
+    ev.on_behaviour(_step("u", "a", 0))
+    ev.on_recommendation("u", "u-0", ["b", "x", "y"])
+    ev.on_behaviour(_step("u", "b", 1))  # a hit, but before the start: not scored
+    ev.on_recommendation("u", "u-1", ["x", "y", "z"])
+    ev.on_behaviour(_step("u", "c", 2))  # at the start: scored, a miss
+    report = ev.finish()
+    assert report["targets"] == 1
+    assert report["scored"] == 1
+    assert report["HR@3"] == 0.0
+
+
 def test_a_repeat_of_the_same_item_is_not_a_target() -> None:
     """A second event on the same item (a review after a purchase) is not scored, and the
     following target is still judged by the list shown just before it."""

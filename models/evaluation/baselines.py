@@ -28,7 +28,9 @@ from models.covisit import (
 )
 from models.evaluation.data import Interaction
 from models.recommender import Recommender, UserRequest, covisit_sources
+from models.reranker import Signals
 from models.state import Fusion, UserState, apply_interaction, apply_review, review_key
+from models.trained import TrainedModel
 
 Step = list[Interaction]  # one interaction, or a repeat group of the same item
 
@@ -172,9 +174,10 @@ class Ranker:
         *,
         max_recent: int = 50,
         name: str = "ranker",
+        model: TrainedModel | None = None,
     ) -> None:
         self.name = name
-        self.recommender = Recommender(store, ranking, fusion, "items", "reviews")
+        self.recommender = Recommender(store, ranking, fusion, "items", "reviews", model=model)
         self.covisit = CoVisit()
         self.popular: dict[str, float] = {}  # decayed, as the stream's popularity table
         self.max_recent = max_recent
@@ -191,6 +194,7 @@ class Ranker:
         ranking: RankingSettings,
         fusion: Fusion,
         name: str = "ranker",
+        model: TrainedModel | None = None,
     ) -> Ranker:
         """A ranker over an embedded store at ``path`` holding the items and review vectors."""
         from infra.vectors.edge import EdgeVectorStore
@@ -211,7 +215,7 @@ class Ranker:
         ]
         for start in range(0, len(review_points), 1000):
             store.upsert("reviews", review_points[start : start + 1000])
-        return cls(store, ranking, fusion, name=name)
+        return cls(store, ranking, fusion, name=name, model=model)
 
     def observe(self, user_id: str, step: Step) -> None:
         self.covisit.observe(user_id, step)
@@ -239,6 +243,14 @@ class Ranker:
         return state
 
     def recommend(self, requests: Sequence[Request], k: int) -> list[list[str]]:
+        lists = self.recommender.recommend(self._users(requests), self.popular)
+        return [[r.item_id for r in ranked][:k] for ranked in lists]
+
+    def signals(self, requests: Sequence[Request]) -> list[Signals]:
+        """The trained re-ranker's candidates and signals for each request."""
+        return self.recommender.signals(self._users(requests), self.popular)
+
+    def _users(self, requests: Sequence[Request]) -> list[UserRequest]:
         users = []
         for req in requests:
             state = self.state_of(req.history)
@@ -247,5 +259,4 @@ class Ranker:
                 s: n for s in covisit_sources(state) if (n := self.covisit.neighbours.get(s))
             }
             users.append(UserRequest(req.user_id, state, neighbours))
-        lists = self.recommender.recommend(users, self.popular)
-        return [[r.item_id for r in ranked][:k] for ranked in lists]
+        return users

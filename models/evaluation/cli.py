@@ -22,6 +22,7 @@ from models.evaluation.data import Dataset, load_dataset
 from models.evaluation.protocols import Progress, run_loo, run_prequential
 from models.evaluation.report import write_results
 from models.state import Fusion
+from models.trained import TrainedModel, fingerprint, read_manifest
 
 log = structlog.get_logger(__name__)
 MODELS = ("mostpop", "covisit", "textknn", "ranker")
@@ -125,10 +126,12 @@ def build_models(
         else:
             assert item_vectors is not None
             fusion = Fusion.untrained(settings.ranking.behaviour_weight)
+            trained = None
             if name == "trained":
                 if model_dir is None:
                     raise UserError("model 'trained' needs --model-dir")
-                fusion = Fusion.load(model_dir / "fusion.npz")
+                trained = TrainedModel.load(model_dir)
+                fusion = trained.fusion
             ranking = settings.ranking.model_copy(update={"k": k})
             models.append(
                 Ranker.build(
@@ -140,37 +143,108 @@ def build_models(
                     ranking=ranking,
                     fusion=fusion,
                     name=name,
+                    model=trained,
                 )
             )
     return models
+
+
+def parse_sweep(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        lams = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--mmr-sweep must be comma-separated numbers, not {text!r}") from None
+    if not lams or any(not 0.0 <= v <= 1.0 for v in lams):
+        raise UserError("--mmr-sweep lambdas must lie between 0 and 1")
+    return sorted(set(lams), reverse=True)
+
+
+def scoring_window(args: argparse.Namespace, log_sha256: str | None) -> int | None:
+    """From when prequential scoring may start, given the trained model's holdout.
+
+    A model trained on this very log may only be scored on what it never read: leave-one-out
+    needs a ``loo`` model; prequential scores from the model's ``trained_until_ts``.
+    """
+    if args.model_dir is None:
+        return None
+    manifest = read_manifest(args.model_dir)
+    if manifest["data"]["sha256"] != log_sha256:
+        log.warning(
+            "model_from_other_data", model=manifest["version"], trained_on=manifest["data"]["path"]
+        )
+        return None
+    kind = manifest["holdout"]["kind"]
+    if args.protocol == "loo" and kind != "loo":
+        raise UserError(
+            f"{args.model_dir} was trained with --holdout {kind}; leave-one-out evaluation on "
+            "the same log needs a model trained with --holdout loo"
+        )
+    if args.protocol == "prequential":
+        until = manifest["holdout"]["trained_until_ts"]
+        if until is None:
+            raise UserError(
+                f"{args.model_dir} was trained on every user's early items (--holdout loo); "
+                "prequential evaluation on the same log needs a model trained with --holdout time"
+            )
+        return int(until)
+    return None
+
+
+def sweep_models(
+    models: Sequence[EvalModel], lambdas: Sequence[float], k: int
+) -> dict[float, Ranker]:
+    """The trained model (else the ranker) once more per MMR lambda, sharing its vector store."""
+    base = next((m for m in models if isinstance(m, Ranker) and m.name == "trained"), None)
+    base = base or next((m for m in models if isinstance(m, Ranker)), None)
+    if base is None or not lambdas:
+        return {}
+    rec = base.recommender
+    out = {}
+    for lam in lambdas:
+        ranking = rec.cfg.model_copy(update={"mmr_lambda": lam, "k": k})
+        out[lam] = Ranker(
+            rec.store, ranking, rec.fallback, name=f"{base.name}@mmr={lam:g}", model=rec.model
+        )
+    return out
 
 
 def cli_eval(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
     ks = parse_ks(args.k)
     names = parse_models(args.models)
+    lambdas = parse_sweep(args.mmr_sweep)
     if args.model_dir is not None and "trained" not in names:
         names.append("trained")
+    if lambdas and not {"ranker", "trained"} & set(names):
+        raise UserError("--mmr-sweep needs the ranker or a trained model among --models")
     try:
         data = load_dataset(args.log)
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from None
     if not data.interactions:
         raise UserError(f"{args.log} has no interactions to evaluate")
+    score_from = scoring_window(args, fingerprint(args.log) if args.model_dir else None)
     with tempfile.TemporaryDirectory(prefix="recstream-eval-") as tmp:
         models = build_models(
             names, data, settings, k=max(ks), workdir=Path(tmp), model_dir=args.model_dir
         )
+        sweep = sweep_models(models, lambdas, max(ks))
+        models += list(sweep.values())
         if args.protocol == "loo":
             runs, popularity = run_loo(data, models, max(ks), masked=not args.unmasked)
         else:
-            runs, popularity = run_prequential(data, models, max(ks))
+            runs, popularity = run_prequential(data, models, max(ks), score_from_ts=score_from)
         vectors = None
-        for model in models:
-            if isinstance(model, TextKnn):
-                vectors = dict(zip(model.ids, model.vectors, strict=True))
-            if isinstance(model, Ranker):
-                model.recommender.store.close()
+        if any(isinstance(m, (TextKnn, Ranker)) for m in models):  # diversity needs item vectors
+            ids = data.catalogue
+            embedded = Embeddings(settings).of([data.item_text[i] for i in ids], "items")
+            vectors = dict(zip(ids, embedded, strict=True))
+        for store in {
+            id(m.recommender.store): m.recommender.store for m in models if isinstance(m, Ranker)
+        }.values():
+            store.close()
     paths = write_results(
         args.out,
         dataset=data.name,
@@ -184,8 +258,18 @@ def cli_eval(args: argparse.Namespace) -> int:
             "masked": not args.unmasked,
             "models": names,
             "ranking": settings.ranking.model_dump(),
+            "model_version": next(
+                (
+                    m.recommender.version
+                    for m in models
+                    if isinstance(m, Ranker) and m.name == "trained"
+                ),
+                None,
+            ),
+            "scored_from_ts": score_from,
         },
         command="recstream " + shlex.join(sys.argv[1:]),
+        sweep={m.name: lam for lam, m in sweep.items()} or None,
     )
     print(paths["md"].read_text())
     print(f"wrote {paths['json']}, {paths['md']} and {len(paths['plots'])} plot(s)")

@@ -130,8 +130,13 @@ def run_prequential(
     k: int,
     *,
     on_progress: Callable[[int], None] | None = None,
+    score_from_ts: int | None = None,
 ) -> tuple[list[ModelRun], dict[str, int]]:
-    """Walk the interactions in order: score each model's current list, then observe."""
+    """Walk the interactions in order: score each model's current list, then observe.
+
+    With ``score_from_ts``, every model still observes every event, but only events at or after
+    that time are scored (a trained model's training window is not scored).
+    """
     steps_of: dict[str, list[Step]] = defaultdict(list)
     seen_count: dict[str, int] = defaultdict(int)
     latest: dict[str, dict[str, list[str]]] = defaultdict(dict)  # ranker name -> user -> list
@@ -144,7 +149,7 @@ def run_prequential(
             history[-1].append(inter)  # a repeat of the same item: not a new target
             _after(models, inter.user_id, history, latest=latest, k=k, timers=timers, observe=False)
             continue
-        if history:
+        if history and (score_from_ts is None or inter.ts >= score_from_ts):
             req = Request(inter.user_id, list(history), {s[0].item_id for s in history})
             for model in models:
                 started = time.monotonic()

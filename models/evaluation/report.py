@@ -33,8 +33,10 @@ def write_results(
     popularity: Mapping[str, int],
     settings: Mapping[str, Any] | None = None,
     command: str | None = None,
+    sweep: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Summarise every run and write results.json, results.md, metrics_vs_k.png and slices.png.
+    """Summarise every run and write results.json, results.md, metrics_vs_k.png and slices.png;
+    with ``sweep`` (run name -> MMR lambda), also tradeoff.png: accuracy against diversity.
 
     Returns the written paths as ``{"json": path, "md": path, "plots": [paths]}``.
     """
@@ -58,6 +60,7 @@ def write_results(
         "settings": dict(settings) if settings is not None else None,
         "models": models,
         "slices": slices,
+        "mmr_sweep": dict(sweep) if sweep else None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
@@ -68,6 +71,8 @@ def write_results(
         _plot_metrics_vs_k(out_dir / "metrics_vs_k.png", models, ks),
         _plot_slices(out_dir / "slices.png", models, slices, ks[0]),
     ]
+    if sweep:
+        plots.append(_plot_tradeoff(out_dir / "tradeoff.png", models, sweep, ks[0]))
     log.info("results_written", out_dir=str(out_dir), models=len(models), ks=ks)
     return {"json": json_path, "md": md_path, "plots": plots}
 
@@ -207,6 +212,42 @@ def _plot_slices(
         ax.set_ylabel(f"HR@{k}")
         ax.set_title(f"HR@{k} by slice")
         ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        _save_atomic(fig, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _plot_tradeoff(
+    path: Path, models: Mapping[str, Mapping[str, float]], sweep: Mapping[str, float], k: int
+) -> Path:
+    """NDCG@K and HR@K against intra-list diversity@K, one point per MMR lambda."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(sweep, key=lambda n: sweep[n])
+    div = [models[n].get(f"diversity@{k}", np.nan) for n in runs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        for metric in ("HR", "NDCG"):
+            ys = [models[n].get(f"{metric}@{k}", np.nan) for n in runs]
+            ax.plot(div, ys, marker="o", label=f"{metric}@{k}")
+            for x, y, n in zip(div, ys, runs, strict=True):
+                ax.annotate(
+                    f"λ={sweep[n]:g}",
+                    (x, y),
+                    fontsize="x-small",
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set_xlabel(f"intra-list diversity@{k}")
+        ax.set_ylabel("accuracy")
+        ax.set_title("accuracy / diversity trade-off (MMR lambda)")
+        ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         fig.tight_layout()
         _save_atomic(fig, path)

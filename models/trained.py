@@ -1,0 +1,223 @@
+"""A trained model directory and the model it holds.
+
+Layout of ``MODEL_DIR``::
+
+    manifest.json     version, training-data fingerprint, settings, validation metrics
+                      (written last)
+    fusion.npz        the fusion's W1 and W2
+    sequential.pt     the sequential model's weights and config
+    items.json        the sequential model's item-id vocabulary
+    item_reps.npy     the vocabulary's item representations at training time (candidate retrieval)
+    reranker.json     the re-ranker's signal weights
+
+A directory is written to a sibling temporary directory and swapped in by rename, manifest last, so
+a worker watching the path never loads half a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.reranker import Reranker
+from models.state import Fusion
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class ModelDirError(ValueError):
+    """A model directory that is missing, incomplete or from an incompatible version."""
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the model directory ``path``."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise ModelDirError(f"{path} is not a model directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{file} is not readable JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelDirError(f"{file} has an unsupported format (expected {FORMAT})")
+    return manifest
+
+
+def manifest_version(path: Path) -> str | None:
+    """The version in ``path``'s manifest, or None when there is no readable one (yet)."""
+    try:
+        return str(read_manifest(path)["version"])
+    except (ModelDirError, KeyError):
+        return None
+
+
+@dataclass
+class TrainedModel:
+    """Everything a recommender needs from training, loaded for CPU or GPU inference."""
+
+    version: str
+    manifest: dict[str, Any]
+    fusion: Fusion
+    seq: Any  # models.sequential.SeqModel (torch is imported only when a model is loaded)
+    vocab: list[str]
+    item_reps: np.ndarray  # (len(vocab), dim), unit rows
+    reranker: Reranker
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {item: n for n, item in enumerate(self.vocab)}
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu") -> TrainedModel:
+        import torch
+
+        from models.sequential import SeqConfig, SeqModel
+
+        manifest = read_manifest(path)
+        try:
+            vocab = json.loads((path / "items.json").read_text())
+            saved = torch.load(path / "sequential.pt", map_location=device, weights_only=True)
+            seq = SeqModel(SeqConfig(**saved["config"]), len(vocab))
+            seq.load_state_dict(saved["state"])
+            reranker = Reranker.from_dict(json.loads((path / "reranker.json").read_text()))
+            fusion = Fusion.load(path / "fusion.npz")
+            reps = np.load(path / "item_reps.npy").astype(np.float32)
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise ModelDirError(f"{path} is incomplete or damaged: {exc}") from None
+        seq.eval()
+        version = str(manifest["version"])
+        return cls(
+            version, manifest, Fusion(fusion.w1, fusion.w2, version), seq, vocab, reps, reranker
+        )
+
+    # --- inference -------------------------------------------------------------------------
+
+    def _device(self) -> Any:
+        return next(self.seq.parameters()).device
+
+    def _reps(self, items: Sequence[str], vectors: Mapping[str, np.ndarray]) -> Any:
+        import torch
+
+        dev = self._device()
+        text = torch.as_tensor(
+            np.stack([vectors[i] for i in items]), dtype=torch.float32, device=dev
+        )
+        ids = torch.tensor([self.index.get(i, len(self.vocab)) for i in items], device=dev)
+        return self.seq.represent(text, ids)
+
+    def user_vectors(
+        self, histories: Sequence[Sequence[str]], vectors: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        """The sequential model's state for each history (item ids, oldest first); items without a
+        text vector are skipped; an empty history gives a zero row."""
+        import torch
+
+        cfg = self.seq.cfg
+        out = np.zeros((len(histories), cfg.dim), dtype=np.float32)
+        kept = [[i for i in h if i in vectors][-cfg.max_len :] for h in histories]
+        rows = [n for n, h in enumerate(kept) if h]
+        if not rows:
+            return out
+        unique = list(dict.fromkeys(i for n in rows for i in kept[n]))
+        with torch.inference_mode():
+            reps = self._reps(unique, vectors)
+            where = {item: n for n, item in enumerate(unique)}
+            length = max(len(kept[n]) for n in rows)
+            seq_reps = torch.zeros((len(rows), length, cfg.dim), device=reps.device)
+            last = []
+            for r, n in enumerate(rows):
+                seq_reps[r, : len(kept[n])] = reps[[where[i] for i in kept[n]]]
+                last.append(len(kept[n]) - 1)
+            hidden = self.seq.hidden(seq_reps)[torch.arange(len(rows)), torch.tensor(last)]
+            hidden = torch.nn.functional.normalize(hidden, dim=-1)
+        out[rows] = hidden.float().cpu().numpy()
+        return out
+
+    def item_scores(
+        self, user: np.ndarray, items: Sequence[str], vectors: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        """Cosine of one user's state with each item's representation (from its current text)."""
+        import torch
+
+        if not items or not np.any(user):
+            return np.zeros(len(items), dtype=np.float32)
+        with torch.inference_mode():
+            reps = torch.nn.functional.normalize(self._reps(items, vectors), dim=-1)
+            return (reps.float().cpu().numpy() @ user).astype(np.float32)
+
+    def top_known(self, users: np.ndarray, n: int) -> list[list[str]]:
+        """The ``n`` vocabulary items closest to each user state (candidate retrieval)."""
+        scores = users @ self.item_reps.T
+        n = min(n, len(self.vocab))
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        return [
+            [self.vocab[i] for i in row] if np.any(u) else []
+            for row, u in zip(top, users, strict=True)
+        ]
+
+    def text_queries(self, users: np.ndarray) -> np.ndarray:
+        """Queries in the encoder's space whose dot product with a text vector ranks items as the
+        text part of their representation does: (P^T h) / std."""
+        weight = self.seq.proj.weight.detach().float().cpu().numpy()  # (dim, text_dim)
+        std = self.seq.text_std.detach().float().cpu().numpy()
+        return ((users @ weight) / std).astype(np.float32)
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over the log's Parquet files (names and bytes, in name order)."""
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_model_dir(
+    out: Path,
+    *,
+    manifest: dict[str, Any],
+    fusion: Fusion,
+    seq_state: dict[str, Any],
+    seq_config: dict[str, Any],
+    vocab: Sequence[str],
+    item_reps: np.ndarray,
+    reranker: Reranker,
+) -> Path:
+    """Write a model directory atomically: build it beside ``out``, then swap it in."""
+    import torch
+
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        fusion.save(tmp / "fusion.npz")
+        torch.save({"config": seq_config, "state": seq_state}, tmp / "sequential.pt")
+        (tmp / "items.json").write_text(json.dumps(list(vocab)))
+        np.save(tmp / "item_reps.npy", item_reps.astype(np.float32))
+        (tmp / "reranker.json").write_text(json.dumps(reranker.to_dict(), indent=2))
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, **manifest}, indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}-old-{int(time.time() * 1000)}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,485 @@
+"""``recstream train LOG --out MODEL_DIR``: learn the ranking from an event log.
+
+One recipe for every dataset:
+
+1. Hold out validation events: each user's second-to-last item (``loo``: the test item after it is
+   never read), or the prequential targets of a later time slice (``time``: 80 % of the log's time
+   order trains, the next 10 % validates, the last 10 % is never read).
+2. Fit the fusion f(x, z) = x W1 + z W2 with a softmax over all items' text vectors, on every
+   training prefix (x and z built by the same functions as the stream's user state).
+3. Train the sequential model on the training sequences (next-item softmax at every position);
+   keep the epoch with the best validation NDCG@10 (early stopping).
+4. Fit the re-ranker's signal weights on the validation events, through the production
+   recommender over an embedded vector store, as ``recstream eval --model-dir`` serves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+import torch.nn.functional as F
+
+from infra.cli import UserError, load_cli_settings
+from infra.settings import Settings
+from models.evaluation.baselines import Ranker, Request, Step
+from models.evaluation.cli import Embeddings
+from models.evaluation.data import Dataset, distinct_sequence, load_dataset
+from models.evaluation.protocols import Progress
+from models.reranker import fit_reranker
+from models.sequential import SeqConfig, SeqModel, pad_right
+from models.state import (
+    Fusion,
+    UserState,
+    apply_interaction,
+    apply_review,
+    behaviour_vector,
+    review_key,
+)
+from models.trained import TrainedModel, fingerprint, write_model_dir
+from schemas.scoring import hit, ndcg
+
+log = structlog.get_logger(__name__)
+K = 10
+TIME_TRAIN, TIME_VALID = 0.8, 0.9
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training hyper-parameters: fixed, the same for every dataset."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    max_epochs: int = 40
+    patience: int = 4
+    fusion_epochs: int = 5
+    fusion_temperature: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class Holdout:
+    """Training steps per user and the validation requests (history -> target)."""
+
+    kind: str
+    train: dict[str, list[Step]]
+    valid: list[tuple[Request, str]]
+    trained_until_ts: int | None  # events at or after this time were not read (time holdout)
+
+
+def holdout(data: Dataset, kind: str) -> Holdout:
+    """Split ``data`` for training; test events are dropped before anything reads them."""
+    if kind == "loo":
+        train: dict[str, list[Step]] = {}
+        valid: list[tuple[Request, str]] = []
+        for user, inters in data.by_user.items():
+            seq = distinct_sequence(inters)
+            train[user] = seq[:-2]
+            if len(seq) >= 3:
+                hist = seq[:-2]
+                valid.append(
+                    (Request(user, hist, {s[0].item_id for s in hist}), seq[-2][0].item_id)
+                )
+        return Holdout(kind, train, valid, None)
+    times = sorted(i.ts for i in data.interactions)
+    if not times:
+        raise UserError("the log has no interactions to train on")
+    train_cut = times[min(len(times) - 1, int(len(times) * TIME_TRAIN))]
+    valid_cut = times[min(len(times) - 1, int(len(times) * TIME_VALID))]
+    if valid_cut <= train_cut:
+        raise UserError(
+            "the log's events span too little time for a time holdout; use --holdout loo"
+        )
+    steps: dict[str, list[Step]] = defaultdict(list)
+    valid = []
+    for inter in data.interactions:
+        if inter.ts >= valid_cut:
+            break
+        hist = steps[inter.user_id]
+        if hist and hist[-1][-1].item_id == inter.item_id:
+            hist[-1].append(inter)
+            continue
+        if inter.ts >= train_cut and hist:
+            valid.append(
+                (Request(inter.user_id, list(hist), {s[0].item_id for s in hist}), inter.item_id)
+            )
+        hist.append([inter])
+    train = {u: [s for s in seq if s[0].ts < train_cut] for u, seq in steps.items()}
+    return Holdout(kind, train, valid, int(valid_cut))
+
+
+def pick_device(settings: Settings) -> torch.device:
+    wanted = settings.encoder.device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, data: Dataset, split: Holdout, settings: Settings, recipe: Recipe) -> None:
+        self.data, self.split, self.settings, self.recipe = data, split, settings, recipe
+        self.device = pick_device(settings)
+        self.ids = data.catalogue
+        emb = Embeddings(settings)
+        self.vectors = emb.of([data.item_text[i] for i in self.ids], "items")
+        self.vec_of = dict(zip(self.ids, self.vectors, strict=True))
+        seen = dict.fromkeys(s[0].item_id for steps in split.train.values() for s in steps)
+        self.vocab = [i for i in self.ids if i in seen]
+        self.index = {i: n for n, i in enumerate(self.vocab)}
+        reviews = [
+            i
+            for steps in split.train.values()
+            for s in steps
+            for i in s
+            if i.kind == "review" and i.text
+        ]
+        valid_reviews = [
+            i
+            for req, _ in split.valid
+            for s in req.history
+            for i in s
+            if i.kind == "review" and i.text
+        ]
+        every = list({r.event_id: r for r in reviews + valid_reviews}.values())
+        vecs = emb.of([r.text or "" for r in every], "reviews") if every else np.zeros((0, 1))
+        self.reviews = {r.event_id: (r.user_id, v) for r, v in zip(every, vecs, strict=False)}
+
+    # --- fusion ------------------------------------------------------------------------------
+
+    def fusion(self) -> tuple[Fusion, dict[str, float]]:
+        """W1, W2 by a softmax over item text vectors, from every training prefix."""
+        xs, zs, has_z, targets = [], [], [], []
+        cat_index = {i: n for n, i in enumerate(self.ids)}
+        half_life = self.settings.ranking.half_life_events
+        for steps in self.split.train.values():
+            state = UserState()
+            for n, step in enumerate(steps):
+                if n > 0:
+                    x = behaviour_vector(state, self.vec_of, half_life)
+                    if x is not None:
+                        found = [
+                            self.reviews[r.key.split(":", 1)[1]][1]
+                            for r in state.reviews
+                            if r.key.split(":", 1)[1] in self.reviews
+                        ]
+                        xs.append(x)
+                        zs.append(np.mean(found, axis=0) if found else np.zeros_like(x))
+                        has_z.append(bool(found))
+                        targets.append(cat_index[step[0].item_id])
+                for inter in step:
+                    apply_interaction(
+                        state,
+                        inter.item_id,
+                        inter.kind,
+                        inter.ts,
+                        inter.value,
+                        max_recent=self.settings.ranking.recent_items,
+                    )
+                    if inter.kind == "review" and inter.text:
+                        apply_review(state, review_key(inter.event_id), inter.item_id, inter.text)
+        a = self.settings.ranking.behaviour_weight
+        dim = self.vectors.shape[1]
+        if not xs:
+            return Fusion.untrained(a), {}
+        dev = self.device
+        X = torch.tensor(np.stack(xs), device=dev)
+        Z = torch.tensor(np.stack(zs), device=dev)
+        Y = torch.tensor(targets, device=dev)
+        items = torch.tensor(self.vectors, device=dev)
+        w1 = (torch.eye(dim, device=dev) * a).requires_grad_()
+        w2 = (torch.eye(dim, device=dev) * (1 - a)).requires_grad_()
+        opt = torch.optim.Adam([w1, w2], lr=self.recipe.lr)
+        gen = torch.Generator().manual_seed(self.recipe.seed)
+        loss_value = math.nan
+        for epoch in range(self.recipe.fusion_epochs):
+            perm = torch.randperm(len(X), generator=gen).to(dev)
+            total = 0.0
+            for start in range(0, len(X), 1024):
+                b = perm[start : start + 1024]
+                q = F.normalize(X[b] @ w1 + Z[b] @ w2, dim=-1)
+                loss = F.cross_entropy(q @ items.T / self.recipe.fusion_temperature, Y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(b)
+            loss_value = total / len(X)
+            print(
+                f"fusion epoch {epoch + 1}/{self.recipe.fusion_epochs}  loss {loss_value:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        fusion = Fusion(w1.detach().cpu().numpy(), w2.detach().cpu().numpy())
+        return fusion, {
+            "loss": round(loss_value, 4),
+            "prefixes": len(xs),
+            "with_reviews": int(sum(has_z)),
+        }
+
+    # --- sequential model ----------------------------------------------------------------------
+
+    def sequential(self, cfg: SeqConfig) -> tuple[SeqModel, dict[str, Any]]:
+        rc = self.recipe
+        torch.manual_seed(rc.seed)
+        model = SeqModel(cfg, len(self.vocab)).to(self.device)
+        text = torch.tensor(np.stack([self.vec_of[i] for i in self.vocab]), device=self.device)
+        model.set_text_stats(torch.tensor(self.vectors, device=self.device))
+        pad = len(self.vocab)
+        seqs = [[self.index[s[0].item_id] for s in steps] for steps in self.split.train.values()]
+        seqs = [s[-(cfg.max_len + 1) :] for s in seqs if len(s) >= 2]
+        inputs, _ = pad_right([s[:-1] for s in seqs], cfg.max_len, pad)
+        outputs, _ = pad_right([s[1:] for s in seqs], cfg.max_len, pad)
+        X = torch.tensor(inputs, device=self.device)
+        Y = torch.tensor(outputs, device=self.device)
+        all_ids = torch.arange(len(self.vocab), device=self.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
+        gen = torch.Generator().manual_seed(rc.seed)
+        best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, 0, {})
+        history = []
+        for epoch in range(1, rc.max_epochs + 1):
+            started = time.monotonic()
+            model.train()
+            perm = torch.randperm(len(X), generator=gen).to(self.device)
+            progress = Progress(f"epoch {epoch}", len(X))
+            total = count = 0.0
+            for start in range(0, len(X), rc.batch_size):
+                b = perm[start : start + rc.batch_size]
+                reps = model.represent(text, all_ids, cfg.id_dropout)
+                hidden = model.hidden(torch.cat([reps, torch.zeros_like(reps[:1])])[X[b]])
+                y = Y[b]
+                keep = y != pad
+                logits = model.scores(hidden[keep], reps) / cfg.temperature
+                loss = F.cross_entropy(logits, y[keep])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * int(keep.sum())
+                count += int(keep.sum())
+                progress.update(min(start + rc.batch_size, len(X)))
+            metrics = self.seq_metrics(model, text)
+            history.append({"epoch": epoch, "loss": round(total / max(count, 1), 4), **metrics})
+            print(
+                f"epoch {epoch}/{rc.max_epochs}  loss {total / max(count, 1):.4f}  "
+                f"valid HR@{K} {metrics['HR@10']:.4f}  NDCG@{K} {metrics['NDCG@10']:.4f}  "
+                f"({time.monotonic() - started:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            if metrics["NDCG@10"] > best[0]:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = (metrics["NDCG@10"], epoch, state)
+            elif epoch - best[1] >= rc.patience:
+                break
+        model.load_state_dict(best[2])
+        model.eval()
+        return model, {"best_epoch": best[1], "epochs": history}
+
+    @torch.inference_mode()
+    def seq_metrics(self, model: SeqModel, text: torch.Tensor) -> dict[str, float]:
+        """HR@10 and NDCG@10 of the sequential model alone on the validation targets (masked)."""
+        model.eval()
+        cfg = model.cfg
+        reps = model.represent(text, torch.arange(len(self.vocab), device=self.device))
+        padded = torch.cat([reps, torch.zeros_like(reps[:1])])
+        hits = gains = 0.0
+        rows = [(r, t) for r, t in self.split.valid if t in self.index]
+        for start in range(0, len(rows), 1024):
+            chunk = rows[start : start + 1024]
+            hist = [
+                [self.index[s[0].item_id] for s in r.history if s[0].item_id in self.index]
+                for r, _ in chunk
+            ]
+            keep = [n for n, h in enumerate(hist) if h]
+            if not keep:
+                continue
+            ids, last = pad_right([hist[n] for n in keep], cfg.max_len, len(self.vocab))
+            hidden = model.hidden(padded[torch.tensor(ids, device=self.device)])
+            h = hidden[torch.arange(len(keep)), torch.tensor(last)]
+            scores = model.scores(h, reps).cpu().numpy()
+            for row, n in enumerate(keep):
+                scores[row, hist[n]] = -np.inf
+                top = np.argpartition(-scores[row], K)[:K]
+                top = top[np.argsort(-scores[row][top])]
+                shown = [self.vocab[i] for i in top]
+                hits += hit(shown, chunk[n][1], K)
+                gains += ndcg(shown, chunk[n][1], K)
+        n = max(len(self.split.valid), 1)
+        return {"HR@10": round(hits / n, 4), "NDCG@10": round(gains / n, 4)}
+
+    def item_reps(self, model: SeqModel) -> np.ndarray:
+        with torch.inference_mode():
+            text = torch.tensor(np.stack([self.vec_of[i] for i in self.vocab]), device=self.device)
+            reps = model.represent(text, torch.arange(len(self.vocab), device=self.device))
+            return F.normalize(reps, dim=-1).float().cpu().numpy()
+
+    # --- re-ranker -----------------------------------------------------------------------------
+
+    def ranker(self, model: TrainedModel, workdir: Path) -> Ranker:
+        """The production recommender over an embedded store, fed the training steps."""
+        ranking = self.settings.ranking.model_copy(update={"k": K})
+        ranker = Ranker.build(
+            workdir,
+            item_ids=self.ids,
+            item_vectors=self.vectors,
+            titles=self.data.item_title,
+            reviews=self.reviews,
+            ranking=ranking,
+            fusion=model.fusion,
+            model=model,
+            name="trained",
+        )
+        for user, steps in self.split.train.items():
+            for step in steps:
+                ranker.observe(user, step)
+        return ranker
+
+
+def _validate(ranker: Ranker, valid: Sequence[tuple[Request, str]], label: str) -> dict[str, float]:
+    """HR@10 and NDCG@10 of the full recommender on the validation targets."""
+    hits = gains = 0.0
+    progress = Progress(label, len(valid))
+    for start in range(0, len(valid), 512):
+        chunk = valid[start : start + 512]
+        lists = ranker.recommend([r for r, _ in chunk], K)
+        for shown, (_, target) in zip(lists, chunk, strict=True):
+            hits += hit(shown, target, K)
+            gains += ndcg(shown, target, K)
+        progress.update(start + len(chunk))
+    progress.update(len(valid), final=True)
+    n = max(len(valid), 1)
+    return {"HR@10": round(hits / n, 4), "NDCG@10": round(gains / n, 4)}
+
+
+def train(
+    log_path: Path, out: Path, settings: Settings, recipe: Recipe, kind: str
+) -> dict[str, Any]:
+    """Train every part and write the model directory; returns the manifest."""
+    started = time.monotonic()
+    try:
+        data = load_dataset(log_path)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    if not data.interactions:
+        raise UserError(f"{log_path} has no interactions to train on")
+    split = holdout(data, kind)
+    if not split.valid:
+        raise UserError("no validation events: users need at least three distinct items")
+    trainer = Trainer(data, split, settings, recipe)
+    log.info(
+        "training",
+        users=len(split.train),
+        valid=len(split.valid),
+        items=len(trainer.vocab),
+        device=str(trainer.device),
+    )
+    fusion, fusion_info = trainer.fusion()
+    cfg = SeqConfig(text_dim=int(trainer.vectors.shape[1]))
+    seq, seq_info = trainer.sequential(cfg)
+    seq.cpu()
+    digest = fingerprint(log_path)
+    created = datetime.now(UTC)
+    version = (
+        f"{created:%Y%m%dT%H%M%SZ}-{hashlib.sha256((digest + repr(cfg)).encode()).hexdigest()[:8]}"
+    )
+    from models.reranker import Reranker
+
+    model = TrainedModel(
+        version,
+        {},
+        Fusion(fusion.w1, fusion.w2, version),
+        seq,
+        trainer.vocab,
+        trainer.item_reps(seq),
+        Reranker.default(),
+    )
+    with tempfile.TemporaryDirectory(prefix="recstream-train-") as tmp:
+        ranker = trainer.ranker(model, Path(tmp) / "store")
+        requests = [r for r, _ in split.valid]
+        progress = Progress("re-ranker signals", len(requests))
+        lists = []
+        for start in range(0, len(requests), 512):
+            lists.extend(ranker.signals(requests[start : start + 512]))
+            progress.update(len(lists))
+        progress.update(len(lists), final=True)
+        targets = [t for _, t in split.valid]
+        recall = sum(t in s.items for s, t in zip(lists, targets, strict=True)) / len(targets)
+        model.reranker = fit_reranker(lists, targets)
+        valid_metrics = _validate(ranker, split.valid, "validating")
+        ranker.recommender.store.close()
+    seconds = time.monotonic() - started
+    manifest = {
+        "version": version,
+        "created": created.isoformat(timespec="seconds"),
+        "dataset": data.name,
+        "data": {
+            "path": str(log_path),
+            "sha256": digest,
+            "interactions": len(data.interactions),
+            "users": len(data.by_user),
+            "items": len(data.catalogue),
+        },
+        "holdout": {
+            "kind": kind,
+            "validation_targets": len(split.valid),
+            "trained_until_ts": split.trained_until_ts,
+        },
+        "settings": {
+            "recipe": recipe.__dict__,
+            "sequential": cfg.to_dict(),
+            "ranking": settings.ranking.model_dump(),
+            "encoder": trainer.vectors.shape[1],
+        },
+        "validation": {
+            "sequential": seq_info["epochs"][seq_info["best_epoch"] - 1],
+            "candidate_recall": round(recall, 4),
+            "recommender": valid_metrics,
+        },
+        "training": {
+            "device": str(trainer.device),
+            "seconds": round(seconds, 1),
+            "fusion": fusion_info,
+            "epochs": seq_info["epochs"],
+            "best_epoch": seq_info["best_epoch"],
+        },
+        "reranker": model.reranker.to_dict(),
+    }
+    write_model_dir(
+        out,
+        manifest=manifest,
+        fusion=model.fusion,
+        seq_state=seq.state_dict(),
+        seq_config=cfg.to_dict(),
+        vocab=trainer.vocab,
+        item_reps=model.item_reps,
+        reranker=model.reranker,
+    )
+    return manifest
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    settings = load_cli_settings(args)
+    if args.max_epochs < 1:
+        raise UserError("--max-epochs must be 1 or more")
+    recipe = Recipe(max_epochs=args.max_epochs, seed=args.seed)
+    torch.manual_seed(args.seed)
+    manifest = train(args.log, args.out, settings, recipe, args.holdout)
+    valid = manifest["validation"]["recommender"]
+    print(
+        f"wrote {args.out} (version {manifest['version']}) "
+        f"in {manifest['training']['seconds']:.0f} s; "
+        f"validation HR@10 {valid['HR@10']:.4f}, NDCG@10 {valid['NDCG@10']:.4f}"
+    )
+    return 0

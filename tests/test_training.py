@@ -1,0 +1,468 @@
+"""Training and serving the learned ranker: holdouts, the re-ranker fit, the model directory, the
+trained recommender (offline and in the worker), cold start through text, and switching models
+without a restart.
+
+The model is trained once per module with the real encoder on a log over the demo catalogue in
+which every user walks a category's items in catalogue order (a pattern worth learning).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clirun import run_cli
+from conftest import Stack
+
+from infra.settings import load_settings
+from infra.vectors import VectorPoint
+from infra.vectors.edge import EdgeVectorStore
+from models.evaluation.cli import Embeddings
+from models.evaluation.data import load_dataset
+from models.ranking import ItemInfo, RankInput, explain, mmr_select
+from models.recommender import Recommender, UserRequest
+from models.reranker import FEATURES, Reranker, Signals, fit_reranker
+from models.state import UserState, apply_interaction
+from models.trained import ModelDirError, TrainedModel, manifest_version, read_manifest
+from models.training import holdout
+from producers.demo.data import catalog
+from schemas.eventlog import rows_to_frame, to_row
+from schemas.events import BehaviorEvent, ItemEvent
+from schemas.topics import ENCODE_REQUESTS
+from streams.services import Services
+
+T0 = 1_600_000_000_000
+DAY = 86_400_000
+
+
+def _chain_log(path: Path, users: int = 240, length: int = 6, seed: int = 7) -> Path:
+    """Item events for the demo catalogue, then users who each buy ``length`` consecutive items of
+    one category; the n-th purchases of all users share day n (interleaved in time)."""
+    rng = random.Random(seed)
+    items = catalog()
+    by_cat: dict[str, list[str]] = {}
+    for item in items:
+        by_cat.setdefault(item["item_id"].rsplit("-", 1)[0], []).append(item["item_id"])
+    rows = [to_row(ItemEvent.model_validate({**i, "ts": T0})) for i in items]
+    cats = sorted(by_cat)
+    for u in range(users):
+        chain = by_cat[cats[u % len(cats)]]
+        start = rng.randrange(0, len(chain) - length)
+        for n, item in enumerate(chain[start : start + length]):
+            rows.append(
+                to_row(
+                    BehaviorEvent(
+                        type="purchase",
+                        user_id=f"u{u:03d}",
+                        item_id=item,
+                        ts=T0 + (n + 1) * DAY + u * 1000,
+                        event_id=f"u{u:03d}-{n}",
+                    )
+                )
+            )
+    rows_to_frame(rows).write_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(log, model dir, data dir): one real training run, shared by this module's tests."""
+    root = tmp_path_factory.mktemp("training")
+    log = _chain_log(root / "log.parquet")
+    model_dir = root / "model"
+    out = run_cli(
+        ["train", str(log), "--out", str(model_dir), "--max-epochs", "3"],
+        env={"RECSTREAM_DATA_DIR": str(root / "data"), "RECSTREAM_DEVICE": "cpu"},
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "validation HR@10" in out.stdout
+    return log, model_dir, root / "data"
+
+
+def test_loo_holdout_never_reads_the_test_item(tmp_path: Path) -> None:
+    """LOO: validation target = each user's second-to-last item, history and training = the items
+    before it; the last (test) item appears nowhere."""
+    data = load_dataset(_chain_log(tmp_path / "log.parquet", users=12, length=4))
+    split = holdout(data, "loo")
+    last = {u: inters[-1].item_id for u, inters in data.by_user.items()}
+    second = {u: inters[-2].item_id for u, inters in data.by_user.items()}
+    assert len(split.valid) == 12
+    assert split.trained_until_ts is None
+    for req, target in split.valid:
+        assert target == second[req.user_id]
+        assert [s[0].item_id for s in req.history] == [
+            i.item_id for i in data.by_user[req.user_id][:2]
+        ]
+        assert last[req.user_id] not in {s[0].item_id for s in split.train[req.user_id]}
+    assert all(len(steps) == 2 for steps in split.train.values())
+
+
+def test_time_holdout_trains_on_the_past_and_validates_on_the_next_slice(tmp_path: Path) -> None:
+    """Time: training steps are before the 80 % cut, validation targets between the cuts, and
+    nothing at or after ``trained_until_ts`` is read."""
+    data = load_dataset(_chain_log(tmp_path / "log.parquet", users=20, length=10))
+    split = holdout(data, "time")
+    assert split.trained_until_ts is not None
+    train_ts = [s[0].ts for steps in split.train.values() for s in steps]
+    valid_ts = {req.user_id: len(req.history) for req, _ in split.valid}
+    assert max(train_ts) < split.trained_until_ts
+    # Day 9 of 10 is the 80 % cut and day 10 the 90 % one: validation = every user's 9th item.
+    assert len(split.valid) == 20
+    assert set(valid_ts.values()) == {8}
+    assert all(len(steps) == 8 for steps in split.train.values())
+
+
+def test_reranker_fit_weights_the_signal_that_finds_the_target() -> None:
+    """On lists where only ``covisit`` points at the target, the fitted weight of ``covisit`` is
+    the largest, and the fitted scorer ranks the target first."""
+    rng = np.random.default_rng(0)
+    lists, targets = [], []
+    for n in range(200):
+        items = [f"i{n}-{j}" for j in range(20)]
+        values = rng.normal(size=(20, len(FEATURES))).astype(np.float32)
+        values[:, 2] = rng.uniform(0, 0.5, size=20)
+        values[0, 2] = 1.0
+        lists.append(Signals(items, values))
+        targets.append(items[0])
+    reranker = fit_reranker(lists, targets)
+    assert int(np.argmax(reranker.weights)) == FEATURES.index("covisit")
+    assert all(int(np.argmax(reranker.score(s.values))) == 0 for s in lists)
+    again = Reranker.from_dict(json.loads(json.dumps(reranker.to_dict())))
+    np.testing.assert_allclose(
+        again.score(lists[0].values), reranker.score(lists[0].values), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="signals"):
+        Reranker.from_dict({**reranker.to_dict(), "features": ["a"]})
+
+
+def test_mmr_is_independent_of_the_score_scale() -> None:
+    """MMR works on relevance rescaled to [0, 1]: multiplying every score by 50 changes nothing."""
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(30, 8))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    items = {f"i{n}": ItemInfo(f"i{n}", v, f"t{n}") for n, v in enumerate(vecs)}
+    scores = {f"i{n}": float(rng.uniform()) for n in range(30)}
+    scaled = {k: 50 * v for k, v in scores.items()}
+    assert mmr_select(scores, items, 10, 0.6) == mmr_select(scaled, items, 10, 0.6)
+
+
+def test_lead_signal_puts_its_reason_first() -> None:
+    """When the re-ranker says co-visitation lifted an item most, its reason leads even though the
+    history item is textually closer."""
+    a, b = np.array([1.0, 0.0]), np.array([0.9, 0.436])
+    items = {
+        "h": ItemInfo("h", a, "Hist"),
+        "c": ItemInfo("c", b, "Cand"),
+        "s": ItemInfo("s", a, "Src"),
+    }
+    state = UserState()
+    apply_interaction(state, "h", "view", T0, None, max_recent=10)
+    inp = RankInput(None, state.recent, [], set(), {}, {"c": 0.1}, {"c": "s"})
+    assert explain(items["c"], inp, items, {})[0].startswith("because you viewed")
+    inp.lead = {"c": "covisit"}
+    assert explain(items["c"], inp, items, {})[0] == "often viewed together with “Src”"
+    inp.lead = {"c": "popular"}
+    assert explain(items["c"], inp, items, {})[0] == "popular with other people right now"
+
+
+def test_train_writes_a_complete_model_directory(trained: tuple[Path, Path, Path]) -> None:
+    """The manifest names the version, the log's sha256 and counts, the settings and validation
+    metrics; the model loads and its version is the manifest's."""
+    _log, model_dir, _ = trained
+    manifest = read_manifest(model_dir)
+    assert manifest["data"]["interactions"] == 240 * 6
+    assert manifest["data"]["items"] == 240
+    assert len(manifest["data"]["sha256"]) == 64
+    assert manifest["holdout"] == {
+        "kind": "loo",
+        "validation_targets": 240,
+        "trained_until_ts": None,
+    }
+    assert manifest["settings"]["sequential"]["dim"] == 64
+    assert [e["epoch"] for e in manifest["training"]["epochs"]] == [1, 2, 3]
+    for part in ("sequential", "recommender"):
+        assert (
+            0.0
+            <= manifest["validation"][part]["NDCG@10"]
+            <= manifest["validation"][part]["HR@10"]
+            <= 1.0
+        )
+    model = TrainedModel.load(model_dir)
+    assert model.version == manifest["version"] == manifest_version(model_dir)
+    assert len(model.vocab) == model.item_reps.shape[0]
+    assert model.item_reps.shape[1] == 64
+    assert model.reranker.to_dict() == manifest["reranker"]
+
+
+def test_trained_model_learns_the_walk(trained: tuple[Path, Path, Path]) -> None:
+    """Every user walks a category in catalogue order; on the validation targets the trained
+    recommender puts the next item in the top 10 for most users (popularity alone cannot: the
+    240 users spread over 240 items)."""
+    _, model_dir, _ = trained
+    valid = read_manifest(model_dir)["validation"]["recommender"]
+    assert valid["HR@10"] >= 0.6, valid
+
+
+def test_eval_with_model_dir_reports_the_trained_model(
+    trained: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """``eval --model-dir`` ranks with the trained model beside the baselines in the same run, and
+    beats MostPop on the test items."""
+    log, model_dir, data_dir = trained
+    out = run_cli(
+        [
+            "eval",
+            str(log),
+            "--out",
+            str(tmp_path / "ev"),
+            "--models",
+            "mostpop,covisit",
+            "--model-dir",
+            str(model_dir),
+            "--k",
+            "10",
+        ],
+        env={"RECSTREAM_DATA_DIR": str(data_dir), "RECSTREAM_DEVICE": "cpu"},
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    models = results["models"]
+    assert set(models) == {"mostpop", "covisit", "trained"}
+    assert models["trained"]["HR@10"] > models["mostpop"]["HR@10"] + 0.3
+
+
+def test_a_new_item_ranks_by_its_text(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """An item added after training (no learned id) is retrieved through its text and ranked by
+    it: a near-copy of a catalogue item's text ranks within three places of that item, and both
+    are in the user's top 30 (without co-visitation or popularity, text decides)."""
+    _, model_dir, data_dir = trained
+    model = TrainedModel.load(model_dir)
+    settings = load_settings(data_dir=data_dir, encoder={"device": "cpu"})
+    items = catalog()
+    emb = Embeddings(settings)
+    text = {i["item_id"]: ItemEvent.model_validate(i).text() for i in items}
+    ids = list(text)
+    vecs = emb.of([text[i] for i in ids], "items")
+    new_vec = emb.of([text["scifi-006"] + " Special edition."], "new")[0]
+    store = EdgeVectorStore(tmp_path / "store")
+    store.ensure_collection("items", vecs.shape[1])
+    store.ensure_collection("reviews", vecs.shape[1])
+    points = [
+        VectorPoint(i, v, {"title": i, "available": True}) for i, v in zip(ids, vecs, strict=True)
+    ]
+    points.append(
+        VectorPoint("scifi-006-special", new_vec, {"title": "special", "available": True})
+    )
+    store.upsert("items", points)
+    try:
+        ranking = settings.ranking.model_copy(update={"mmr_lambda": 1.0, "k": 30})
+        rec = Recommender(store, ranking, model.fusion, "items", "reviews", model=model)
+        state = UserState()
+        for n, item in enumerate(["scifi-003", "scifi-004", "scifi-005"]):
+            apply_interaction(state, item, "purchase", T0 + n, None, max_recent=50)
+        req = UserRequest("x", state, {})
+        (signals,) = rec.signals([req])
+        assert "scifi-006-special" not in model.index
+        scores = dict(zip(signals.items, model.reranker.score(signals.values), strict=True))
+        order = sorted(scores, key=lambda i: -scores[i])
+        new, twin = order.index("scifi-006-special"), order.index("scifi-006")
+        assert abs(new - twin) <= 3, (new, twin, len(order))
+        (ranked,) = rec.recommend([req])
+        shown = [r.item_id for r in ranked]
+        assert "scifi-006-special" in shown
+        assert "scifi-006" in shown
+        assert all(r.reasons for r in ranked)
+    finally:
+        store.close()
+
+
+def test_bad_model_dir_is_one_clear_line(tmp_path: Path) -> None:
+    """Loading a directory that is not a model says so; the CLI prints one line and exits 2."""
+    with pytest.raises(ModelDirError, match="not a model directory"):
+        TrainedModel.load(tmp_path)
+    out = run_cli(
+        [
+            "eval",
+            str(tmp_path / "x.parquet"),
+            "--out",
+            str(tmp_path / "o"),
+            "--model-dir",
+            str(tmp_path),
+        ]
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    out = run_cli(["train", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "m")])
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_services_switch_only_to_a_new_complete_version(
+    trained: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The watcher loads a model only when the manifest's version changed, and keeps the served
+    one when the directory holds no readable manifest."""
+    _, model_dir, _data_dir = trained
+    served = tmp_path / "served"
+    shutil.copytree(model_dir, served)
+    settings = load_settings(
+        data_dir=tmp_path / "d", serving={"model_dir": served}, encoder={"device": "cpu"}
+    )
+    services = Services(settings)
+    try:
+        first = services.recommender().model
+        assert first is not None
+        assert services.changed_model() is None
+        manifest = json.loads((served / "manifest.json").read_text())
+        (served / "manifest.json").write_text(json.dumps({**manifest, "version": "v-next"}))
+        switched = services.changed_model()
+        assert switched is not None
+        assert switched.version == "v-next"
+        services.recommender().model = switched
+        assert services.model_version().startswith("v-next+")
+        (served / "manifest.json").unlink()
+        assert services.changed_model() is None
+    finally:
+        services.close()
+
+
+@pytest.mark.stack
+def test_worker_serves_the_trained_model_and_switches_without_restart(
+    trained: tuple[Path, Path, Path], settings, tmp_path: Path
+) -> None:
+    """A worker started with a model directory names its version in every recommendation; after a
+    new model is written to the watched path, later recommendations name the new version while
+    the same worker process keeps running."""
+    _, model_dir, _ = trained
+    served = tmp_path / "served"
+    shutil.copytree(model_dir, served)
+    version = read_manifest(served)["version"]
+    stack = Stack(
+        settings,
+        tmp_path,
+        RECSTREAM_SERVING__MODEL_DIR=str(served),
+        RECSTREAM_SERVING__WATCH_S="0.5",
+    )
+    try:
+        items = catalog()
+        stack.publish(*items)
+        stack.wait_committed(ENCODE_REQUESTS.name, len(items))
+        stack.publish(
+            *[
+                {
+                    "type": "purchase",
+                    "user_id": "w",
+                    "item_id": f"garden-00{n}",
+                    "event_id": f"w-{n}",
+                }
+                for n in (1, 2, 3)
+            ]
+        )
+        first = stack.wait_for(lambda r: r.get("trigger_event_id") == "w-3", "first list")
+        assert first["model_version"].startswith(version + "+")
+        assert all(i["reasons"] for i in first["items"])
+        pid = stack.proc.pid
+        manifest = json.loads((served / "manifest.json").read_text())
+        (served / "manifest.json").write_text(json.dumps({**manifest, "version": "v-next"}))
+        deadline = time.monotonic() + 60
+        n = 4
+        while True:
+            stack.publish(
+                {"type": "view", "user_id": "w", "item_id": "garden-005", "event_id": f"w-{n}"}
+            )
+            rec = stack.wait_for(lambda r, n=n: r.get("trigger_event_id") == f"w-{n}", "a list")
+            if rec["model_version"].startswith("v-next+") or time.monotonic() > deadline:
+                break
+            n += 1
+            time.sleep(0.5)
+        assert rec["model_version"].startswith("v-next+")
+        assert stack.proc.pid == pid
+        assert stack.proc.poll() is None
+    finally:
+        stack.stop()
+
+
+def _eval(log: Path, out: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        ["eval", str(log), "--out", str(out), "--k", "10", *args],
+        env={"RECSTREAM_DATA_DIR": str(data_dir), "RECSTREAM_DEVICE": "cpu"},
+        timeout=600,
+    )
+
+
+def test_mmr_sweep_trades_accuracy_for_diversity(
+    trained: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """``--mmr-sweep`` ranks with the trained model once per lambda in the same run: a stronger
+    diversity push (lower lambda) gives more diverse lists, and the trade-off plot is written."""
+    log, model_dir, data_dir = trained
+    out = _eval(
+        log,
+        tmp_path / "ev",
+        data_dir,
+        "--models",
+        "mostpop",
+        "--model-dir",
+        str(model_dir),
+        "--mmr-sweep",
+        "1.0,0.3",
+    )
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["mmr_sweep"] == {"trained@mmr=1": 1.0, "trained@mmr=0.3": 0.3}
+    models = results["models"]
+    assert models["trained@mmr=0.3"]["diversity@10"] > models["trained@mmr=1"]["diversity@10"]
+    assert (tmp_path / "ev" / "tradeoff.png").stat().st_size > 0
+    bad = _eval(log, tmp_path / "x", data_dir, "--mmr-sweep", "2", "--models", "mostpop")
+    assert bad.returncode == 1
+    assert "--mmr-sweep" in bad.stderr
+
+
+def test_prequential_scores_only_what_a_time_model_never_read(
+    trained: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """A model trained with ``--holdout loo`` is refused for prequential evaluation of its own
+    log; one trained with ``--holdout time`` is scored only on events from its
+    ``trained_until_ts`` on, every model on the same targets."""
+    log, loo_dir, data_dir = trained
+    refused = _eval(
+        log, tmp_path / "r", data_dir, "--protocol", "prequential", "--model-dir", str(loo_dir)
+    )
+    assert refused.returncode == 1
+    assert "--holdout time" in refused.stderr
+    time_dir = tmp_path / "time-model"
+    out = run_cli(
+        ["train", str(log), "--out", str(time_dir), "--holdout", "time", "--max-epochs", "2"],
+        env={"RECSTREAM_DATA_DIR": str(data_dir), "RECSTREAM_DEVICE": "cpu"},
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    until = read_manifest(time_dir)["holdout"]["trained_until_ts"]
+    assert until == T0 + 6 * DAY + 96_000  # the 1,296th of 1,440 purchase times (90 %)
+    out = _eval(
+        log,
+        tmp_path / "p",
+        data_dir,
+        "--protocol",
+        "prequential",
+        "--models",
+        "covisit",
+        "--model-dir",
+        str(time_dir),
+    )
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert results["settings"]["scored_from_ts"] == until
+    scored = sum(1 for u in range(240) if T0 + 6 * DAY + u * 1000 >= until)
+    assert (
+        results["models"]["trained"]["targets"] == results["models"]["covisit"]["targets"] == scored
+    )
