@@ -5,7 +5,7 @@ Layout of ``MODEL_DIR``::
     manifest.json     version, training-data fingerprint, settings, validation metrics
                       (written last)
     fusion.npz        the fusion's W1 and W2
-    sequential.pt     the sequential model's weights and config
+    sequential.pt     the sequential models' weights (one per ensemble member) and config
     items.json        the sequential model's item-id vocabulary
     item_reps.npy     the vocabulary's item representations at training time (candidate retrieval)
     reranker.json     the re-ranker's signal weights
@@ -69,14 +69,18 @@ class TrainedModel:
     version: str
     manifest: dict[str, Any]
     fusion: Fusion
-    seq: Any  # models.sequential.SeqModel (torch is imported only when a model is loaded)
+    seqs: list[Any]  # models.sequential.SeqModel, one per seed (torch is imported on load only)
     vocab: list[str]
-    item_reps: np.ndarray  # (len(vocab), dim), unit rows
+    item_reps: np.ndarray  # (len(vocab), members * dim): each member's unit representation
     reranker: Reranker
     index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.index = {item: n for n, item in enumerate(self.vocab)}
+
+    # The ensemble lives in one space: a user vector is the members' unit hidden states side by
+    # side, divided by the number of members, and an item vector is the members' unit
+    # representations side by side; their dot product is the members' mean cosine.
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> TrainedModel:
@@ -88,25 +92,28 @@ class TrainedModel:
         try:
             vocab = json.loads((path / "items.json").read_text())
             saved = torch.load(path / "sequential.pt", map_location=device, weights_only=True)
-            seq = SeqModel(SeqConfig(**saved["config"]), len(vocab))
-            seq.load_state_dict(saved["state"])
+            seqs = []
+            for state in saved["states"]:
+                seq = SeqModel(SeqConfig(**saved["config"]), len(vocab)).to(device)
+                seq.load_state_dict(state)
+                seq.eval()
+                seqs.append(seq)
             reranker = Reranker.from_dict(json.loads((path / "reranker.json").read_text()))
             fusion = Fusion.load(path / "fusion.npz")
             reps = np.load(path / "item_reps.npy").astype(np.float32)
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise ModelDirError(f"{path} is incomplete or damaged: {exc}") from None
-        seq.eval()
         version = str(manifest["version"])
         return cls(
-            version, manifest, Fusion(fusion.w1, fusion.w2, version), seq, vocab, reps, reranker
+            version, manifest, Fusion(fusion.w1, fusion.w2, version), seqs, vocab, reps, reranker
         )
 
     # --- inference -------------------------------------------------------------------------
 
     def _device(self) -> Any:
-        return next(self.seq.parameters()).device
+        return next(self.seqs[0].parameters()).device
 
-    def _reps(self, items: Sequence[str], vectors: Mapping[str, np.ndarray]) -> Any:
+    def _inputs(self, items: Sequence[str], vectors: Mapping[str, np.ndarray]) -> tuple[Any, Any]:
         import torch
 
         dev = self._device()
@@ -114,7 +121,7 @@ class TrainedModel:
             np.stack([vectors[i] for i in items]), dtype=torch.float32, device=dev
         )
         ids = torch.tensor([self.index.get(i, len(self.vocab)) for i in items], device=dev)
-        return self.seq.represent(text, ids)
+        return text, ids
 
     def user_vectors(
         self, histories: Sequence[Sequence[str]], vectors: Mapping[str, np.ndarray]
@@ -123,25 +130,29 @@ class TrainedModel:
         text vector are skipped; an empty history gives a zero row."""
         import torch
 
-        cfg = self.seq.cfg
-        out = np.zeros((len(histories), cfg.dim), dtype=np.float32)
+        cfg = self.seqs[0].cfg
+        out = np.zeros((len(histories), cfg.dim * len(self.seqs)), dtype=np.float32)
         kept = [[i for i in h if i in vectors][-cfg.max_len :] for h in histories]
         rows = [n for n, h in enumerate(kept) if h]
         if not rows:
             return out
         unique = list(dict.fromkeys(i for n in rows for i in kept[n]))
+        where = {item: n for n, item in enumerate(unique)}
+        positions = [[where[i] for i in kept[n]] for n in rows]
+        last = torch.tensor([len(p) - 1 for p in positions])
+        length = max(len(p) for p in positions)
+        parts = []
         with torch.inference_mode():
-            reps = self._reps(unique, vectors)
-            where = {item: n for n, item in enumerate(unique)}
-            length = max(len(kept[n]) for n in rows)
-            seq_reps = torch.zeros((len(rows), length, cfg.dim), device=reps.device)
-            last = []
-            for r, n in enumerate(rows):
-                seq_reps[r, : len(kept[n])] = reps[[where[i] for i in kept[n]]]
-                last.append(len(kept[n]) - 1)
-            hidden = self.seq.hidden(seq_reps)[torch.arange(len(rows)), torch.tensor(last)]
-            hidden = torch.nn.functional.normalize(hidden, dim=-1)
-        out[rows] = hidden.float().cpu().numpy()
+            text, ids = self._inputs(unique, vectors)
+            for seq in self.seqs:
+                reps = seq.represent(text, ids)
+                seq_reps = torch.zeros((len(rows), length, cfg.dim), device=reps.device)
+                for r, pos in enumerate(positions):
+                    seq_reps[r, : len(pos)] = reps[pos]
+                hidden = seq.hidden(seq_reps)[torch.arange(len(rows)), last]
+                parts.append(torch.nn.functional.normalize(hidden, dim=-1))
+            joined = torch.cat(parts, dim=1) / len(self.seqs)
+        out[rows] = joined.float().cpu().numpy()
         return out
 
     def item_scores(
@@ -153,7 +164,11 @@ class TrainedModel:
         if not items or not np.any(user):
             return np.zeros(len(items), dtype=np.float32)
         with torch.inference_mode():
-            reps = torch.nn.functional.normalize(self._reps(items, vectors), dim=-1)
+            text, ids = self._inputs(items, vectors)
+            reps = torch.cat(
+                [torch.nn.functional.normalize(s.represent(text, ids), dim=-1) for s in self.seqs],
+                dim=1,
+            )
             return (reps.float().cpu().numpy() @ user).astype(np.float32)
 
     def top_known(self, users: np.ndarray, n: int) -> list[list[str]]:
@@ -168,10 +183,14 @@ class TrainedModel:
 
     def text_queries(self, users: np.ndarray) -> np.ndarray:
         """Queries in the encoder's space whose dot product with a text vector ranks items as the
-        text part of their representation does: (P^T h) / std."""
-        weight = self.seq.proj.weight.detach().float().cpu().numpy()  # (dim, text_dim)
-        std = self.seq.text_std.detach().float().cpu().numpy()
-        return ((users @ weight) / std).astype(np.float32)
+        text part of their representations does: the members' (P^T h) / std, summed."""
+        dim = self.seqs[0].cfg.dim
+        out = np.zeros((len(users), self.seqs[0].cfg.text_dim), dtype=np.float32)
+        for m, seq in enumerate(self.seqs):
+            weight = seq.proj.weight.detach().float().cpu().numpy()  # (dim, text_dim)
+            std = seq.get_buffer("text_std").detach().float().cpu().numpy()
+            out += (users[:, m * dim : (m + 1) * dim] @ weight) / std
+        return out
 
 
 def fingerprint(path: Path) -> str:
@@ -191,7 +210,7 @@ def write_model_dir(
     *,
     manifest: dict[str, Any],
     fusion: Fusion,
-    seq_state: dict[str, Any],
+    seq_states: Sequence[dict[str, Any]],
     seq_config: dict[str, Any],
     vocab: Sequence[str],
     item_reps: np.ndarray,
@@ -205,7 +224,7 @@ def write_model_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         fusion.save(tmp / "fusion.npz")
-        torch.save({"config": seq_config, "state": seq_state}, tmp / "sequential.pt")
+        torch.save({"config": seq_config, "states": list(seq_states)}, tmp / "sequential.pt")
         (tmp / "items.json").write_text(json.dumps(list(vocab)))
         np.save(tmp / "item_reps.npy", item_reps.astype(np.float32))
         (tmp / "reranker.json").write_text(json.dumps(reranker.to_dict(), indent=2))

@@ -22,11 +22,11 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import structlog
@@ -39,7 +39,7 @@ from models.evaluation.baselines import Ranker, Request, Step
 from models.evaluation.cli import Embeddings
 from models.evaluation.data import Dataset, distinct_sequence, load_dataset
 from models.evaluation.protocols import Progress
-from models.reranker import fit_reranker
+from models.reranker import Signals, fit_reranker
 from models.sequential import SeqConfig, SeqModel, pad_right
 from models.state import (
     Fusion,
@@ -53,6 +53,7 @@ from models.trained import TrainedModel, fingerprint, write_model_dir
 from schemas.scoring import hit, ndcg
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 K = 10
 TIME_TRAIN, TIME_VALID = 0.8, 0.9
 
@@ -68,6 +69,8 @@ class Recipe:
     patience: int = 4
     fusion_epochs: int = 5
     fusion_temperature: float = 0.05
+    mask_history: bool = True  # as evaluation and serving do: earlier items are no candidates
+    ensemble: int = 2  # sequential models from consecutive seeds, their cosines averaged
     seed: int = 0
 
 
@@ -79,6 +82,10 @@ class Holdout:
     train: dict[str, list[Step]]
     valid: list[tuple[Request, str]]
     trained_until_ts: int | None  # events at or after this time were not read (time holdout)
+    # Time holdout: the validation window's steps in time order, with the index of the validation
+    # target each one is (None for a user's first step). Walking it lets co-visitation and
+    # popularity learn through the window as they do in the stream.
+    stream: list[tuple[str, Step, int | None]] = field(default_factory=list)
 
 
 def holdout(data: Dataset, kind: str) -> Holdout:
@@ -106,6 +113,7 @@ def holdout(data: Dataset, kind: str) -> Holdout:
         )
     steps: dict[str, list[Step]] = defaultdict(list)
     valid = []
+    stream: list[tuple[str, Step, int | None]] = []
     for inter in data.interactions:
         if inter.ts >= valid_cut:
             break
@@ -113,13 +121,17 @@ def holdout(data: Dataset, kind: str) -> Holdout:
         if hist and hist[-1][-1].item_id == inter.item_id:
             hist[-1].append(inter)
             continue
+        target = None
         if inter.ts >= train_cut and hist:
+            target = len(valid)
             valid.append(
                 (Request(inter.user_id, list(hist), {s[0].item_id for s in hist}), inter.item_id)
             )
         hist.append([inter])
+        if inter.ts >= train_cut:
+            stream.append((inter.user_id, hist[-1], target))
     train = {u: [s for s in seq if s[0].ts < train_cut] for u, seq in steps.items()}
-    return Holdout(kind, train, valid, int(valid_cut))
+    return Holdout(kind, train, valid, int(valid_cut), stream)
 
 
 def pick_device(settings: Settings) -> torch.device:
@@ -140,21 +152,10 @@ class Trainer:
         seen = dict.fromkeys(s[0].item_id for steps in split.train.values() for s in steps)
         self.vocab = [i for i in self.ids if i in seen]
         self.index = {i: n for n, i in enumerate(self.vocab)}
-        reviews = [
-            i
-            for steps in split.train.values()
-            for s in steps
-            for i in s
-            if i.kind == "review" and i.text
-        ]
-        valid_reviews = [
-            i
-            for req, _ in split.valid
-            for s in req.history
-            for i in s
-            if i.kind == "review" and i.text
-        ]
-        every = list({r.event_id: r for r in reviews + valid_reviews}.values())
+        # Every review of the log is embedded (the same texts, so the same cache, as ``eval``);
+        # a review's vector is only ever read once the review is in a training or validation
+        # history, so embedding the later ones reveals nothing.
+        every = [i for i in data.interactions if i.kind == "review" and i.text]
         vecs = emb.of([r.text or "" for r in every], "reviews") if every else np.zeros((0, 1))
         self.reviews = {r.event_id: (r.user_id, v) for r, v in zip(every, vecs, strict=False)}
 
@@ -231,9 +232,10 @@ class Trainer:
 
     # --- sequential model ----------------------------------------------------------------------
 
-    def sequential(self, cfg: SeqConfig) -> tuple[SeqModel, dict[str, Any]]:
+    def sequential(self, cfg: SeqConfig, seed: int) -> tuple[SeqModel, dict[str, Any]]:
+        """One member: trained until validation NDCG@10 stops improving; the best epoch kept."""
         rc = self.recipe
-        torch.manual_seed(rc.seed)
+        torch.manual_seed(seed)
         model = SeqModel(cfg, len(self.vocab)).to(self.device)
         text = torch.tensor(np.stack([self.vec_of[i] for i in self.vocab]), device=self.device)
         model.set_text_stats(torch.tensor(self.vectors, device=self.device))
@@ -246,14 +248,14 @@ class Trainer:
         Y = torch.tensor(outputs, device=self.device)
         all_ids = torch.arange(len(self.vocab), device=self.device)
         opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
-        gen = torch.Generator().manual_seed(rc.seed)
+        gen = torch.Generator().manual_seed(seed)
         best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, 0, {})
         history = []
         for epoch in range(1, rc.max_epochs + 1):
             started = time.monotonic()
             model.train()
             perm = torch.randperm(len(X), generator=gen).to(self.device)
-            progress = Progress(f"epoch {epoch}", len(X))
+            progress = Progress(f"seed {seed} epoch {epoch}", len(X))
             total = count = 0.0
             for start in range(0, len(X), rc.batch_size):
                 b = perm[start : start + rc.batch_size]
@@ -262,6 +264,8 @@ class Trainer:
                 y = Y[b]
                 keep = y != pad
                 logits = model.scores(hidden[keep], reps) / cfg.temperature
+                if rc.mask_history:
+                    logits = _mask_history(logits, X[b], keep, y[keep], pad)
                 loss = F.cross_entropy(logits, y[keep])
                 opt.zero_grad()
                 loss.backward()
@@ -269,10 +273,10 @@ class Trainer:
                 total += loss.item() * int(keep.sum())
                 count += int(keep.sum())
                 progress.update(min(start + rc.batch_size, len(X)))
-            metrics = self.seq_metrics(model, text)
+            metrics = self.seq_metrics([model], text)
             history.append({"epoch": epoch, "loss": round(total / max(count, 1), 4), **metrics})
             print(
-                f"epoch {epoch}/{rc.max_epochs}  loss {total / max(count, 1):.4f}  "
+                f"seed {seed} epoch {epoch}/{rc.max_epochs}  loss {total / max(count, 1):.4f}  "
                 f"valid HR@{K} {metrics['HR@10']:.4f}  NDCG@{K} {metrics['NDCG@10']:.4f}  "
                 f"({time.monotonic() - started:.0f} s)",
                 file=sys.stderr,
@@ -288,12 +292,15 @@ class Trainer:
         return model, {"best_epoch": best[1], "epochs": history}
 
     @torch.inference_mode()
-    def seq_metrics(self, model: SeqModel, text: torch.Tensor) -> dict[str, float]:
-        """HR@10 and NDCG@10 of the sequential model alone on the validation targets (masked)."""
-        model.eval()
-        cfg = model.cfg
-        reps = model.represent(text, torch.arange(len(self.vocab), device=self.device))
-        padded = torch.cat([reps, torch.zeros_like(reps[:1])])
+    def seq_metrics(self, models: Sequence[SeqModel], text: torch.Tensor) -> dict[str, float]:
+        """HR@10 and NDCG@10 of the sequential models alone (mean cosine) on the validation
+        targets, history masked."""
+        for model in models:
+            model.eval()
+        cfg = models[0].cfg
+        ids_all = torch.arange(len(self.vocab), device=self.device)
+        reps = [m.represent(text, ids_all) for m in models]
+        padded = [torch.cat([r, torch.zeros_like(r[:1])]) for r in reps]
         hits = gains = 0.0
         rows = [(r, t) for r, t in self.split.valid if t in self.index]
         for start in range(0, len(rows), 1024):
@@ -306,24 +313,32 @@ class Trainer:
             if not keep:
                 continue
             ids, last = pad_right([hist[n] for n in keep], cfg.max_len, len(self.vocab))
-            hidden = model.hidden(padded[torch.tensor(ids, device=self.device)])
-            h = hidden[torch.arange(len(keep)), torch.tensor(last)]
-            scores = model.scores(h, reps).cpu().numpy()
+            index = torch.tensor(ids, device=self.device)
+            scores = torch.stack(
+                [
+                    m.scores(m.hidden(p[index])[torch.arange(len(keep)), torch.tensor(last)], r)
+                    for m, p, r in zip(models, padded, reps, strict=True)
+                ]
+            ).sum(0)
+            found = scores.cpu().numpy()
             for row, n in enumerate(keep):
-                scores[row, hist[n]] = -np.inf
-                top = np.argpartition(-scores[row], K)[:K]
-                top = top[np.argsort(-scores[row][top])]
+                found[row, hist[n]] = -np.inf
+                top = np.argpartition(-found[row], K)[:K]
+                top = top[np.argsort(-found[row][top])]
                 shown = [self.vocab[i] for i in top]
                 hits += hit(shown, chunk[n][1], K)
                 gains += ndcg(shown, chunk[n][1], K)
         n = max(len(self.split.valid), 1)
         return {"HR@10": round(hits / n, 4), "NDCG@10": round(gains / n, 4)}
 
-    def item_reps(self, model: SeqModel) -> np.ndarray:
+    def item_reps(self, models: Sequence[SeqModel]) -> np.ndarray:
+        """The vocabulary's unit representations, the members' side by side."""
         with torch.inference_mode():
-            text = torch.tensor(np.stack([self.vec_of[i] for i in self.vocab]), device=self.device)
-            reps = model.represent(text, torch.arange(len(self.vocab), device=self.device))
-            return F.normalize(reps, dim=-1).float().cpu().numpy()
+            text = torch.tensor(np.stack([self.vec_of[i] for i in self.vocab]))
+            ids = torch.arange(len(self.vocab))
+            return torch.cat(
+                [F.normalize(m.represent(text, ids), dim=-1) for m in models], dim=1
+            ).numpy()
 
     # --- re-ranker -----------------------------------------------------------------------------
 
@@ -347,20 +362,46 @@ class Trainer:
         return ranker
 
 
-def _validate(ranker: Ranker, valid: Sequence[tuple[Request, str]], label: str) -> dict[str, float]:
-    """HR@10 and NDCG@10 of the full recommender on the validation targets."""
-    hits = gains = 0.0
-    progress = Progress(label, len(valid))
-    for start in range(0, len(valid), 512):
-        chunk = valid[start : start + 512]
-        lists = ranker.recommend([r for r, _ in chunk], K)
-        for shown, (_, target) in zip(lists, chunk, strict=True):
-            hits += hit(shown, target, K)
-            gains += ndcg(shown, target, K)
-        progress.update(start + len(chunk))
-    progress.update(len(valid), final=True)
-    n = max(len(valid), 1)
-    return {"HR@10": round(hits / n, 4), "NDCG@10": round(gains / n, 4)}
+def _mask_history(
+    logits: torch.Tensor, inputs: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor, pad: int
+) -> torch.Tensor:
+    """Leave each position's earlier items (its input prefix) out of its softmax, except the
+    target itself: serving never recommends them, so the model need not learn to push them down.
+    """
+    length = inputs.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=inputs.device))
+    prefix = inputs[:, None, :].expand(-1, length, -1).masked_fill(~causal, pad)[keep]
+    blocked = torch.zeros(logits.shape[0], pad + 1, dtype=torch.bool, device=logits.device)
+    blocked.scatter_(1, prefix, True)
+    blocked = blocked[:, :pad]
+    blocked[torch.arange(len(targets), device=logits.device), targets] = False
+    return logits.masked_fill(blocked, float("-inf"))
+
+
+def _walk(
+    ranker: Ranker,
+    split: Holdout,
+    each: Callable[[list[Request]], list[T]],
+    label: str,
+) -> list[T]:
+    """``each`` over the validation requests, in order. Leave-one-out validation is static: the
+    requests go in batches. A time holdout's window is walked in time order, the ranker observing
+    each step after its target was served, as the stream would."""
+    out: list[T] = []
+    progress = Progress(label, len(split.valid))
+    if not split.stream:
+        requests = [r for r, _ in split.valid]
+        for start in range(0, len(requests), 512):
+            out.extend(each(requests[start : start + 512]))
+            progress.update(len(out))
+    else:
+        for user, step, target in split.stream:
+            if target is not None:
+                out.extend(each([split.valid[target][0]]))
+                progress.update(len(out))
+            ranker.observe(user, step)
+    progress.update(len(out), final=True)
+    return out
 
 
 def train(
@@ -387,8 +428,14 @@ def train(
     )
     fusion, fusion_info = trainer.fusion()
     cfg = SeqConfig(text_dim=int(trainer.vectors.shape[1]))
-    seq, seq_info = trainer.sequential(cfg)
-    seq.cpu()
+    members = []
+    for seed in range(recipe.seed, recipe.seed + recipe.ensemble):
+        seq, info = trainer.sequential(cfg, seed)
+        members.append((seq.cpu(), info))
+    seqs = [m for m, _ in members]
+    text = torch.tensor(np.stack([trainer.vec_of[i] for i in trainer.vocab]))
+    trainer.device = torch.device("cpu")
+    ensemble_metrics = trainer.seq_metrics(seqs, text)
     digest = fingerprint(log_path)
     created = datetime.now(UTC)
     version = (
@@ -400,25 +447,28 @@ def train(
         version,
         {},
         Fusion(fusion.w1, fusion.w2, version),
-        seq,
+        seqs,
         trainer.vocab,
-        trainer.item_reps(seq),
+        trainer.item_reps(seqs),
         Reranker.default(),
     )
+    targets = [t for _, t in split.valid]
     with tempfile.TemporaryDirectory(prefix="recstream-train-") as tmp:
-        ranker = trainer.ranker(model, Path(tmp) / "store")
-        requests = [r for r, _ in split.valid]
-        progress = Progress("re-ranker signals", len(requests))
-        lists = []
-        for start in range(0, len(requests), 512):
-            lists.extend(ranker.signals(requests[start : start + 512]))
-            progress.update(len(lists))
-        progress.update(len(lists), final=True)
-        targets = [t for _, t in split.valid]
+        ranker = trainer.ranker(model, Path(tmp) / "signals")
+        lists: list[Signals] = _walk(ranker, split, ranker.signals, "re-ranker signals")
+        ranker.recommender.store.close()
         recall = sum(t in s.items for s, t in zip(lists, targets, strict=True)) / len(targets)
         model.reranker = fit_reranker(lists, targets)
-        valid_metrics = _validate(ranker, split.valid, "validating")
+        ranker = trainer.ranker(model, Path(tmp) / "validate")
+        shown = _walk(ranker, split, lambda reqs: ranker.recommend(reqs, K), "validating")
         ranker.recommender.store.close()
+    n_valid = max(len(targets), 1)
+    valid_metrics = {
+        "HR@10": round(sum(hit(s, t, K) for s, t in zip(shown, targets, strict=True)) / n_valid, 4),
+        "NDCG@10": round(
+            sum(ndcg(s, t, K) for s, t in zip(shown, targets, strict=True)) / n_valid, 4
+        ),
+    }
     seconds = time.monotonic() - started
     manifest = {
         "version": version,
@@ -443,7 +493,8 @@ def train(
             "encoder": trainer.vectors.shape[1],
         },
         "validation": {
-            "sequential": seq_info["epochs"][seq_info["best_epoch"] - 1],
+            "sequential": ensemble_metrics,
+            "members": [info["epochs"][info["best_epoch"] - 1] for _, info in members],
             "candidate_recall": round(recall, 4),
             "recommender": valid_metrics,
         },
@@ -451,8 +502,14 @@ def train(
             "device": str(trainer.device),
             "seconds": round(seconds, 1),
             "fusion": fusion_info,
-            "epochs": seq_info["epochs"],
-            "best_epoch": seq_info["best_epoch"],
+            "members": [
+                {
+                    "seed": recipe.seed + n,
+                    "best_epoch": info["best_epoch"],
+                    "epochs": info["epochs"],
+                }
+                for n, (_, info) in enumerate(members)
+            ],
         },
         "reranker": model.reranker.to_dict(),
     }
@@ -460,7 +517,7 @@ def train(
         out,
         manifest=manifest,
         fusion=model.fusion,
-        seq_state=seq.state_dict(),
+        seq_states=[m.state_dict() for m in seqs],
         seq_config=cfg.to_dict(),
         vocab=trainer.vocab,
         item_reps=model.item_reps,

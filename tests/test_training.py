@@ -106,7 +106,7 @@ def test_loo_holdout_never_reads_the_test_item(tmp_path: Path) -> None:
 
 def test_time_holdout_trains_on_the_past_and_validates_on_the_next_slice(tmp_path: Path) -> None:
     """Time: training steps are before the 80 % cut, validation targets between the cuts, and
-    nothing at or after ``trained_until_ts`` is read."""
+    nothing at or after ``trained_until_ts`` is read; the window's steps are kept in order."""
     data = load_dataset(_chain_log(tmp_path / "log.parquet", users=20, length=10))
     split = holdout(data, "time")
     assert split.trained_until_ts is not None
@@ -117,6 +117,10 @@ def test_time_holdout_trains_on_the_past_and_validates_on_the_next_slice(tmp_pat
     assert len(split.valid) == 20
     assert set(valid_ts.values()) == {8}
     assert all(len(steps) == 8 for steps in split.train.values())
+    # The window's steps in time order, each naming its validation target, for the walk that
+    # lets co-visitation learn through the window as the stream does.
+    assert [target for _, _, target in split.stream] == list(range(20))
+    assert [step[0].item_id for _, step, _ in split.stream] == [t for _, t in split.valid]
 
 
 def test_reranker_fit_weights_the_signal_that_finds_the_target() -> None:
@@ -186,7 +190,9 @@ def test_train_writes_a_complete_model_directory(trained: tuple[Path, Path, Path
         "trained_until_ts": None,
     }
     assert manifest["settings"]["sequential"]["dim"] == 64
-    assert [e["epoch"] for e in manifest["training"]["epochs"]] == [1, 2, 3]
+    members = manifest["training"]["members"]
+    assert [m["seed"] for m in members] == [0, 1]  # an ensemble of two sequential models
+    assert all([e["epoch"] for e in m["epochs"]] == [1, 2, 3] for m in members)
     for part in ("sequential", "recommender"):
         assert (
             0.0
@@ -197,7 +203,8 @@ def test_train_writes_a_complete_model_directory(trained: tuple[Path, Path, Path
     model = TrainedModel.load(model_dir)
     assert model.version == manifest["version"] == manifest_version(model_dir)
     assert len(model.vocab) == model.item_reps.shape[0]
-    assert model.item_reps.shape[1] == 64
+    assert model.item_reps.shape[1] == 2 * 64
+    assert len(model.seqs) == 2
     assert model.reranker.to_dict() == manifest["reranker"]
 
 

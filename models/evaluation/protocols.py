@@ -143,11 +143,29 @@ def run_prequential(
     tracked = {m.name: _Tracked([], [], [], []) for m in models}
     timers = dict.fromkeys(tracked, 0.0)
     progress = Progress("prequential", len(data.interactions))
+    # A ranker's list after an event matters only if the user's next event will be scored.
+    next_ts: list[int | None] = [None] * len(data.interactions)
+    following: dict[str, int] = {}
+    for pos in range(len(data.interactions) - 1, -1, -1):
+        user = data.interactions[pos].user_id
+        next_ts[pos] = following.get(user)
+        following[user] = data.interactions[pos].ts
     for n, inter in enumerate(data.interactions, start=1):
         history = steps_of[inter.user_id]
+        upcoming = next_ts[n - 1]
+        emit = upcoming is not None and (score_from_ts is None or upcoming >= score_from_ts)
         if history and history[-1][-1].item_id == inter.item_id:
             history[-1].append(inter)  # a repeat of the same item: not a new target
-            _after(models, inter.user_id, history, latest=latest, k=k, timers=timers, observe=False)
+            _after(
+                models,
+                inter.user_id,
+                history,
+                latest=latest,
+                k=k,
+                timers=timers,
+                observe=False,
+                emit=emit,
+            )
             continue
         if history and (score_from_ts is None or inter.ts >= score_from_ts):
             req = Request(inter.user_id, list(history), {s[0].item_id for s in history})
@@ -166,7 +184,16 @@ def run_prequential(
                 t.cold_item.append(seen_count[inter.item_id] < COLD)
         history.append([inter])
         seen_count[inter.item_id] += 1
-        _after(models, inter.user_id, history, latest=latest, k=k, timers=timers, observe=True)
+        _after(
+            models,
+            inter.user_id,
+            history,
+            latest=latest,
+            k=k,
+            timers=timers,
+            observe=True,
+            emit=emit,
+        )
         progress.update(n)
         if on_progress:
             on_progress(n)
@@ -194,9 +221,11 @@ def _after(
     k: int,
     timers: dict[str, float],
     observe: bool,
+    emit: bool = True,
 ) -> None:
     """Let models observe the user's newest step; rankers then emit the user's next list, as the
-    stream does after every event."""
+    stream does after every event (skipped when ``emit`` is false: no later target will read it).
+    """
     exclude = {s[0].item_id for s in history}
     for model in models:
         started = time.monotonic()
@@ -204,6 +233,6 @@ def _after(
             model.observe(user, history[-1])
         elif isinstance(model, Ranker):
             model.bump(history[-1][-1:])  # the stream counts a repeat in popularity too
-        if isinstance(model, Ranker):
+        if isinstance(model, Ranker) and emit:
             latest[model.name][user] = model.recommend([Request(user, history, exclude)], k)[0]
         timers[model.name] += time.monotonic() - started
