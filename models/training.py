@@ -35,20 +35,13 @@ import torch.nn.functional as F
 
 from infra.cli import UserError, load_cli_settings
 from infra.settings import Settings
-from models.evaluation.baselines import Ranker, Request, Step
+from models.evaluation.baselines import Ranker, Request, Step, apply_step
 from models.evaluation.cli import Embeddings
 from models.evaluation.data import Dataset, distinct_sequence, load_dataset
 from models.evaluation.protocols import Progress
 from models.reranker import Signals, fit_reranker
 from models.sequential import SeqConfig, SeqModel, pad_right
-from models.state import (
-    Fusion,
-    UserState,
-    apply_interaction,
-    apply_review,
-    behaviour_vector,
-    review_key,
-)
+from models.state import Fusion, UserState, behaviour_vector, review_key, text_vector
 from models.trained import TrainedModel, fingerprint, write_model_dir
 from schemas.scoring import hit, ndcg
 
@@ -166,32 +159,19 @@ class Trainer:
         xs, zs, has_z, targets = [], [], [], []
         cat_index = {i: n for n, i in enumerate(self.ids)}
         half_life = self.settings.ranking.half_life_events
+        review_vecs = {review_key(e): v for e, (_, v) in self.reviews.items()}
         for steps in self.split.train.values():
             state = UserState()
             for n, step in enumerate(steps):
                 if n > 0:
                     x = behaviour_vector(state, self.vec_of, half_life)
                     if x is not None:
-                        found = [
-                            self.reviews[r.key.split(":", 1)[1]][1]
-                            for r in state.reviews
-                            if r.key.split(":", 1)[1] in self.reviews
-                        ]
+                        z = text_vector(state, review_vecs)
                         xs.append(x)
-                        zs.append(np.mean(found, axis=0) if found else np.zeros_like(x))
-                        has_z.append(bool(found))
+                        zs.append(z if z is not None else np.zeros_like(x))
+                        has_z.append(z is not None)
                         targets.append(cat_index[step[0].item_id])
-                for inter in step:
-                    apply_interaction(
-                        state,
-                        inter.item_id,
-                        inter.kind,
-                        inter.ts,
-                        inter.value,
-                        max_recent=self.settings.ranking.recent_items,
-                    )
-                    if inter.kind == "review" and inter.text:
-                        apply_review(state, review_key(inter.event_id), inter.item_id, inter.text)
+                apply_step(state, step, self.settings.ranking.recent_items)
         a = self.settings.ranking.behaviour_weight
         dim = self.vectors.shape[1]
         if not xs:

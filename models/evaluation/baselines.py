@@ -54,6 +54,16 @@ class EvalModel(Protocol):
         """The top ``k`` item ids for each request, best first."""
 
 
+def apply_step(state: UserState, step: Step, max_recent: int) -> None:
+    """Apply one step's interactions (and review texts) to ``state``, as the stream does."""
+    for inter in step:
+        apply_interaction(
+            state, inter.item_id, inter.kind, inter.ts, inter.value, max_recent=max_recent
+        )
+        if inter.kind == "review" and inter.text:
+            apply_review(state, review_key(inter.event_id), inter.item_id, inter.text)
+
+
 def _top(scores: Mapping[str, float], k: int, exclude: set[str]) -> list[str]:
     ranked = sorted((i for i in scores if i not in exclude), key=lambda i: (-scores[i], i))
     return ranked[:k]
@@ -229,17 +239,7 @@ class Ranker:
         """The user state the stream would hold after ``history``."""
         state = UserState()
         for step in history:
-            for inter in step:
-                apply_interaction(
-                    state,
-                    inter.item_id,
-                    inter.kind,
-                    inter.ts,
-                    inter.value,
-                    max_recent=self.max_recent,
-                )
-                if inter.kind == "review" and inter.text:
-                    apply_review(state, review_key(inter.event_id), inter.item_id, inter.text)
+            apply_step(state, step, self.max_recent)
         return state
 
     def recommend(self, requests: Sequence[Request], k: int) -> list[list[str]]:
