@@ -149,7 +149,7 @@ class TrainedModel:
                 seq_reps = torch.zeros((len(rows), length, cfg.dim), device=reps.device)
                 for r, pos in enumerate(positions):
                     seq_reps[r, : len(pos)] = reps[pos]
-                hidden = seq.hidden(seq_reps)[torch.arange(len(rows)), last]
+                hidden = seq.hidden(seq_reps, last + 1)[torch.arange(len(rows)), last]
                 parts.append(torch.nn.functional.normalize(hidden, dim=-1))
             joined = torch.cat(parts, dim=1) / len(self.seqs)
         out[rows] = joined.float().cpu().numpy()

@@ -239,13 +239,15 @@ class Trainer:
             total = count = 0.0
             for start in range(0, len(X), rc.batch_size):
                 b = perm[start : start + rc.batch_size]
+                lengths = (X[b] != pad).sum(1)
+                width = int(lengths.max())  # the batch's longest row; the rest is padding
+                x, y = X[b][:, :width], Y[b][:, :width]
                 reps = model.represent(text, all_ids, cfg.id_dropout)
-                hidden = model.hidden(torch.cat([reps, torch.zeros_like(reps[:1])])[X[b]])
-                y = Y[b]
+                hidden = model.hidden(torch.cat([reps, torch.zeros_like(reps[:1])])[x], lengths)
                 keep = y != pad
-                logits = model.scores(hidden[keep], reps) / cfg.temperature
+                logits = model.scores(hidden[keep], reps, 1.0 / cfg.temperature)
                 if rc.mask_history:
-                    logits = _mask_history(logits, X[b], keep, y[keep], pad)
+                    logits = _mask_history(logits, x, keep, y[keep], pad)
                 loss = F.cross_entropy(logits, y[keep])
                 opt.zero_grad()
                 loss.backward()
@@ -294,9 +296,11 @@ class Trainer:
                 continue
             ids, last = pad_right([hist[n] for n in keep], cfg.max_len, len(self.vocab))
             index = torch.tensor(ids, device=self.device)
+            ends = torch.tensor(last, device=self.device)
+            picked = torch.arange(len(keep), device=self.device)
             scores = torch.stack(
                 [
-                    m.scores(m.hidden(p[index])[torch.arange(len(keep)), torch.tensor(last)], r)
+                    m.scores(m.hidden(p[index], ends + 1)[picked, ends], r)
                     for m, p, r in zip(models, padded, reps, strict=True)
                 ]
             ).sum(0)

@@ -28,6 +28,7 @@ from models.evaluation.data import load_dataset
 from models.ranking import ItemInfo, RankInput, explain, mmr_select
 from models.recommender import Recommender, UserRequest
 from models.reranker import FEATURES, Reranker, Signals, fit_reranker
+from models.sequential import SeqConfig
 from models.state import UserState, apply_interaction
 from models.trained import ModelDirError, TrainedModel, manifest_version, read_manifest
 from models.training import holdout
@@ -189,7 +190,8 @@ def test_train_writes_a_complete_model_directory(trained: tuple[Path, Path, Path
         "validation_targets": 240,
         "trained_until_ts": None,
     }
-    assert manifest["settings"]["sequential"]["dim"] == 64
+    assert manifest["settings"]["sequential"] == SeqConfig().to_dict()
+    dim = SeqConfig().dim
     members = manifest["training"]["members"]
     assert [m["seed"] for m in members] == [0, 1]  # an ensemble of two sequential models
     assert all([e["epoch"] for e in m["epochs"]] == [1, 2, 3] for m in members)
@@ -203,7 +205,7 @@ def test_train_writes_a_complete_model_directory(trained: tuple[Path, Path, Path
     model = TrainedModel.load(model_dir)
     assert model.version == manifest["version"] == manifest_version(model_dir)
     assert len(model.vocab) == model.item_reps.shape[0]
-    assert model.item_reps.shape[1] == 2 * 64
+    assert model.item_reps.shape[1] == 2 * dim
     assert len(model.seqs) == 2
     assert model.reranker.to_dict() == manifest["reranker"]
 
