@@ -172,3 +172,19 @@ def pad_right(
         out[row, : len(tail)] = tail
         last[row] = len(tail) - 1
     return out, last
+
+
+def mask_history(
+    logits: torch.Tensor, inputs: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor, pad: int
+) -> torch.Tensor:
+    """Leave each position's earlier items (its input prefix) out of its softmax, except the
+    target itself: serving never recommends them, so the model need not learn to push them down.
+    """
+    length = inputs.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=inputs.device))
+    prefix = inputs[:, None, :].expand(-1, length, -1).masked_fill(~causal, pad)[keep]
+    blocked = torch.zeros(logits.shape[0], pad + 1, dtype=torch.bool, device=logits.device)
+    blocked.scatter_(1, prefix, True)
+    blocked = blocked[:, :pad]
+    blocked[torch.arange(len(targets), device=logits.device), targets] = False
+    return logits.masked_fill(blocked, float("-inf"))

@@ -40,7 +40,7 @@ from models.evaluation.cli import Embeddings
 from models.evaluation.data import Dataset, distinct_sequence, load_dataset
 from models.evaluation.protocols import Progress
 from models.reranker import Signals, fit_reranker
-from models.sequential import SeqConfig, SeqModel, pad_right
+from models.sequential import SeqConfig, SeqModel, mask_history, pad_right
 from models.state import Fusion, UserState, behaviour_vector, review_key, text_vector
 from models.trained import TrainedModel, fingerprint, write_model_dir
 from schemas.scoring import hit, ndcg
@@ -247,7 +247,7 @@ class Trainer:
                 keep = y != pad
                 logits = model.scores(hidden[keep], reps, 1.0 / cfg.temperature)
                 if rc.mask_history:
-                    logits = _mask_history(logits, x, keep, y[keep], pad)
+                    logits = mask_history(logits, x, keep, y[keep], pad)
                 loss = F.cross_entropy(logits, y[keep])
                 opt.zero_grad()
                 loss.backward()
@@ -344,22 +344,6 @@ class Trainer:
             for step in steps:
                 ranker.observe(user, step)
         return ranker
-
-
-def _mask_history(
-    logits: torch.Tensor, inputs: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor, pad: int
-) -> torch.Tensor:
-    """Leave each position's earlier items (its input prefix) out of its softmax, except the
-    target itself: serving never recommends them, so the model need not learn to push them down.
-    """
-    length = inputs.shape[1]
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=inputs.device))
-    prefix = inputs[:, None, :].expand(-1, length, -1).masked_fill(~causal, pad)[keep]
-    blocked = torch.zeros(logits.shape[0], pad + 1, dtype=torch.bool, device=logits.device)
-    blocked.scatter_(1, prefix, True)
-    blocked = blocked[:, :pad]
-    blocked[torch.arange(len(targets), device=logits.device), targets] = False
-    return logits.masked_fill(blocked, float("-inf"))
 
 
 def _walk(
