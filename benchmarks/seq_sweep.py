@@ -13,11 +13,13 @@ JSON line per spec: each member's best epoch and validation HR@10 / NDCG@10, and
 after each member. A spec's keys are ``SeqConfig`` fields plus ``seeds``, ``lr``, ``wd``, ``bs``,
 ``max_epochs``, ``patience``, ``ffn`` (feed-forward width as a multiple of ``dim``), ``bucket``
 (batches of users of similar history length; faster, but it cost accuracy here) and ``plateau``
-(halve the learning rate after two epochs without improvement).
+(halve the learning rate after two epochs without improvement) and ``ema`` (evaluate an
+exponential moving average of the weights, this decay per step).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import pickle
@@ -74,6 +76,7 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
         spec.pop("patience", 4),
     )
     ffn, bucket, plateau = spec.pop("ffn", 2), spec.pop("bucket", False), spec.pop("plateau", 0.0)
+    ema = spec.pop("ema", 0.0)
     cfg = SeqConfig(**spec)
     text = torch.tensor(data["text"], device=dev)
     n = pad = len(text)
@@ -127,6 +130,7 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
             ).to(dev)
         model.set_text_stats(torch.tensor(data["catalogue"], device=dev))
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+        average = copy.deepcopy(model) if ema else model
         gen = torch.Generator().manual_seed(seed)
         best: tuple[float, int, float, torch.Tensor | None] = (-1.0, 0, 0.0, None)
         epoch = 0
@@ -150,7 +154,12 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            scores = scores_of(model)
+                if ema:
+                    with torch.no_grad():
+                        pairs = zip(average.parameters(), model.parameters(), strict=True)
+                        for kept, live in pairs:
+                            kept.mul_(ema).add_(live, alpha=1.0 - ema)
+            scores = scores_of(average)
             hr, nd = metric(scores)
             if nd > best[0]:
                 best = (nd, epoch, hr, scores.clone())
