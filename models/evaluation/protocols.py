@@ -154,36 +154,27 @@ def run_prequential(
         history = steps_of[inter.user_id]
         upcoming = next_ts[n - 1]
         emit = upcoming is not None and (score_from_ts is None or upcoming >= score_from_ts)
-        if history and history[-1][-1].item_id == inter.item_id:
+        repeat = bool(history) and history[-1][-1].item_id == inter.item_id
+        if repeat:
             history[-1].append(inter)  # a repeat of the same item: not a new target
-            _after(
-                models,
-                inter.user_id,
-                history,
-                latest=latest,
-                k=k,
-                timers=timers,
-                observe=False,
-                emit=emit,
-            )
-            continue
-        if history and (score_from_ts is None or inter.ts >= score_from_ts):
-            req = Request(inter.user_id, list(history), {s[0].item_id for s in history})
-            for model in models:
-                started = time.monotonic()
-                shown = (
-                    latest[model.name].get(inter.user_id, [])
-                    if isinstance(model, Ranker)
-                    else model.recommend([req], k)[0]
-                )
-                timers[model.name] += time.monotonic() - started
-                t = tracked[model.name]
-                t.lists.append(shown)
-                t.targets.append(inter.item_id)
-                t.cold_user.append(len(history) < COLD)
-                t.cold_item.append(seen_count[inter.item_id] < COLD)
-        history.append([inter])
-        seen_count[inter.item_id] += 1
+        else:
+            if history and (score_from_ts is None or inter.ts >= score_from_ts):
+                req = Request(inter.user_id, list(history), {s[0].item_id for s in history})
+                for model in models:
+                    started = time.monotonic()
+                    shown = (
+                        latest[model.name].get(inter.user_id, [])
+                        if isinstance(model, Ranker)
+                        else model.recommend([req], k)[0]
+                    )
+                    timers[model.name] += time.monotonic() - started
+                    t = tracked[model.name]
+                    t.lists.append(shown)
+                    t.targets.append(inter.item_id)
+                    t.cold_user.append(len(history) < COLD)
+                    t.cold_item.append(seen_count[inter.item_id] < COLD)
+            history.append([inter])
+            seen_count[inter.item_id] += 1
         _after(
             models,
             inter.user_id,
@@ -191,7 +182,7 @@ def run_prequential(
             latest=latest,
             k=k,
             timers=timers,
-            observe=True,
+            observe=not repeat,
             emit=emit,
         )
         progress.update(n)
