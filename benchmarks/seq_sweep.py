@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.sequential import SeqConfig, SeqModel, mask_history, pad_right
+from models.sequential import SeqConfig, SeqModel, pad_right, train_epoch
 
 K = 10
 
@@ -109,10 +108,7 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
             out = []
             for s in range(0, len(vi), 2048):
                 rows, last = vi[s : s + 2048], vlast[s : s + 2048]
-                hidden = model.hidden(padded[rows], last + 1)[
-                    torch.arange(len(rows), device=dev), last
-                ]
-                out.append(model.scores(hidden, reps))
+                out.append(model.scores(model.last_hidden(padded[rows], last + 1), reps))
             return torch.cat(out)
 
     members: list[dict[str, Any]] = []
@@ -135,30 +131,21 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
         best: tuple[float, int, float, torch.Tensor | None] = (-1.0, 0, 0.0, None)
         epoch = 0
         for epoch in range(1, max_epochs + 1):
-            model.train()
             perm = torch.randperm(len(xs), generator=gen).to(dev)
             if bucket:
                 perm = perm[torch.argsort(lens[perm], stable=True)]
             batches = list(perm.split(bs))
             if bucket:
                 batches = [batches[i] for i in torch.randperm(len(batches), generator=gen)]
-            for b in batches:
-                width = int(lens[b].max())
-                x, y = xs[b][:, :width], ys[b][:, :width]
-                reps = model.represent(text, all_ids, cfg.id_dropout)
-                hidden = model.hidden(torch.cat([reps, torch.zeros_like(reps[:1])])[x], lens[b])
-                keep = y != pad
-                logits = model.scores(hidden[keep], reps, 1.0 / cfg.temperature)
-                logits = mask_history(logits, x, keep, y[keep], pad)
-                loss = F.cross_entropy(logits, y[keep])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+
+            def step(_rows: int, average: SeqModel = average, model: SeqModel = model) -> None:
                 if ema:
                     with torch.no_grad():
                         pairs = zip(average.parameters(), model.parameters(), strict=True)
                         for kept, live in pairs:
                             kept.mul_(ema).add_(live, alpha=1.0 - ema)
+
+            train_epoch(model, opt, text, xs, ys, batches=batches, after_step=step)
             scores = scores_of(average)
             hr, nd = metric(scores)
             if nd > best[0]:

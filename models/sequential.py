@@ -7,7 +7,7 @@ Scores are cosines between the user's last hidden state and item representations
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import cast
 
@@ -103,6 +103,11 @@ class SeqModel(nn.Module):
         out[order[:, None].expand(-1, length)[real], real.nonzero()[:, 1]] = h
         return out + seq_reps
 
+    def last_hidden(self, seq_reps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Each row's hidden state at its last real item (rows of length 0 are not allowed)."""
+        rows = torch.arange(len(lengths), device=seq_reps.device)
+        return self.hidden(seq_reps, lengths)[rows, lengths - 1]
+
     def _attend(
         self,
         layer: nn.TransformerEncoderLayer,
@@ -188,3 +193,53 @@ def mask_history(
     blocked = blocked[:, :pad]
     blocked[torch.arange(len(targets), device=logits.device), targets] = False
     return logits.masked_fill(blocked, float("-inf"))
+
+
+def unit_reps(models: Sequence[SeqModel], text: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The members' unit item representations side by side: a dot product with a user vector
+    built the same way (unit hidden states side by side, over the member count) is the members'
+    mean cosine."""
+    return torch.cat([F.normalize(m.represent(text, ids), dim=-1) for m in models], dim=1)
+
+
+def train_epoch(
+    model: SeqModel,
+    opt: torch.optim.Optimizer,
+    text: torch.Tensor,
+    inputs: torch.Tensor,
+    outputs: torch.Tensor,
+    *,
+    batches: Iterable[torch.Tensor],
+    masked: bool = True,
+    after_step: Callable[[int], None] | None = None,
+) -> float:
+    """One pass over ``batches`` (row indices into the right-padded ``inputs``/``outputs``, pad =
+    ``model.items``): a full softmax over the vocabulary at every real position, each position's
+    earlier items left out of it when ``masked``. Each batch is cut to its longest row;
+    ``after_step`` hears the count of rows done after each step. Returns the mean loss per
+    target."""
+    cfg, pad = model.cfg, model.items
+    all_ids = torch.arange(pad, device=text.device)
+    model.train()
+    total = count = 0.0
+    rows = 0
+    for batch in batches:
+        lengths = (inputs[batch] != pad).sum(1)
+        width = int(lengths.max())  # the batch's longest row; the rest is padding
+        x, y = inputs[batch][:, :width], outputs[batch][:, :width]
+        reps = model.represent(text, all_ids, cfg.id_dropout)
+        hidden = model.hidden(torch.cat([reps, torch.zeros_like(reps[:1])])[x], lengths)
+        keep = y != pad
+        logits = model.scores(hidden[keep], reps, 1.0 / cfg.temperature)
+        if masked:
+            logits = mask_history(logits, x, keep, y[keep], pad)
+        loss = F.cross_entropy(logits, y[keep])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += loss.item() * int(keep.sum())
+        count += int(keep.sum())
+        rows += len(batch)
+        if after_step is not None:
+            after_step(rows)
+    return total / max(count, 1)

@@ -149,7 +149,7 @@ class TrainedModel:
                 seq_reps = torch.zeros((len(rows), length, cfg.dim), device=reps.device)
                 for r, pos in enumerate(positions):
                     seq_reps[r, : len(pos)] = reps[pos]
-                hidden = seq.hidden(seq_reps, last + 1)[torch.arange(len(rows)), last]
+                hidden = seq.last_hidden(seq_reps, last + 1)
                 parts.append(torch.nn.functional.normalize(hidden, dim=-1))
             joined = torch.cat(parts, dim=1) / len(self.seqs)
         out[rows] = joined.float().cpu().numpy()
@@ -161,14 +161,13 @@ class TrainedModel:
         """Cosine of one user's state with each item's representation (from its current text)."""
         import torch
 
+        from models.sequential import unit_reps
+
         if not items or not np.any(user):
             return np.zeros(len(items), dtype=np.float32)
         with torch.inference_mode():
             text, ids = self._inputs(items, vectors)
-            reps = torch.cat(
-                [torch.nn.functional.normalize(s.represent(text, ids), dim=-1) for s in self.seqs],
-                dim=1,
-            )
+            reps = unit_reps(self.seqs, text, ids)
             return (reps.float().cpu().numpy() @ user).astype(np.float32)
 
     def top_known(self, users: np.ndarray, n: int) -> list[list[str]]:

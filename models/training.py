@@ -40,7 +40,7 @@ from models.evaluation.cli import Embeddings
 from models.evaluation.data import Dataset, distinct_sequence, load_dataset
 from models.evaluation.protocols import Progress
 from models.reranker import Signals, fit_reranker
-from models.sequential import SeqConfig, SeqModel, mask_history, pad_right
+from models.sequential import SeqConfig, SeqModel, pad_right, train_epoch, unit_reps
 from models.state import Fusion, UserState, behaviour_vector, review_key, text_vector
 from models.trained import TrainedModel, fingerprint, write_model_dir
 from schemas.scoring import hit, ndcg
@@ -226,39 +226,28 @@ class Trainer:
         outputs, _ = pad_right([s[1:] for s in seqs], cfg.max_len, pad)
         X = torch.tensor(inputs, device=self.device)
         Y = torch.tensor(outputs, device=self.device)
-        all_ids = torch.arange(len(self.vocab), device=self.device)
         opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
         gen = torch.Generator().manual_seed(seed)
         best: tuple[float, int, dict[str, torch.Tensor]] = (-1.0, 0, {})
         history = []
         for epoch in range(1, rc.max_epochs + 1):
             started = time.monotonic()
-            model.train()
             perm = torch.randperm(len(X), generator=gen).to(self.device)
             progress = Progress(f"seed {seed} epoch {epoch}", len(X))
-            total = count = 0.0
-            for start in range(0, len(X), rc.batch_size):
-                b = perm[start : start + rc.batch_size]
-                lengths = (X[b] != pad).sum(1)
-                width = int(lengths.max())  # the batch's longest row; the rest is padding
-                x, y = X[b][:, :width], Y[b][:, :width]
-                reps = model.represent(text, all_ids, cfg.id_dropout)
-                hidden = model.hidden(torch.cat([reps, torch.zeros_like(reps[:1])])[x], lengths)
-                keep = y != pad
-                logits = model.scores(hidden[keep], reps, 1.0 / cfg.temperature)
-                if rc.mask_history:
-                    logits = mask_history(logits, x, keep, y[keep], pad)
-                loss = F.cross_entropy(logits, y[keep])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * int(keep.sum())
-                count += int(keep.sum())
-                progress.update(min(start + rc.batch_size, len(X)))
+            loss = train_epoch(
+                model,
+                opt,
+                text,
+                X,
+                Y,
+                batches=perm.split(rc.batch_size),
+                masked=rc.mask_history,
+                after_step=progress.update,
+            )
             metrics = self.seq_metrics([model], text)
-            history.append({"epoch": epoch, "loss": round(total / max(count, 1), 4), **metrics})
+            history.append({"epoch": epoch, "loss": round(loss, 4), **metrics})
             print(
-                f"seed {seed} epoch {epoch}/{rc.max_epochs}  loss {total / max(count, 1):.4f}  "
+                f"seed {seed} epoch {epoch}/{rc.max_epochs}  loss {loss:.4f}  "
                 f"valid HR@{K} {metrics['HR@10']:.4f}  NDCG@{K} {metrics['NDCG@10']:.4f}  "
                 f"({time.monotonic() - started:.0f} s)",
                 file=sys.stderr,
@@ -297,10 +286,9 @@ class Trainer:
             ids, last = pad_right([hist[n] for n in keep], cfg.max_len, len(self.vocab))
             index = torch.tensor(ids, device=self.device)
             ends = torch.tensor(last, device=self.device)
-            picked = torch.arange(len(keep), device=self.device)
             scores = torch.stack(
                 [
-                    m.scores(m.hidden(p[index], ends + 1)[picked, ends], r)
+                    m.scores(m.last_hidden(p[index], ends + 1), r)
                     for m, p, r in zip(models, padded, reps, strict=True)
                 ]
             ).sum(0)
@@ -320,9 +308,7 @@ class Trainer:
         with torch.inference_mode():
             text = torch.tensor(np.stack([self.vec_of[i] for i in self.vocab]))
             ids = torch.arange(len(self.vocab))
-            return torch.cat(
-                [F.normalize(m.represent(text, ids), dim=-1) for m in models], dim=1
-            ).numpy()
+            return unit_reps(models, text, ids).numpy()
 
     # --- re-ranker -----------------------------------------------------------------------------
 
