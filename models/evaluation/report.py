@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +163,8 @@ def _plot_metrics_vs_k(
     path: Path, models: Mapping[str, Mapping[str, float]], ks: Sequence[int]
 ) -> Path:
     """One subplot per metric, K on the x axis, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = sorted(set(ks))
-    fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(4 * len(PLOT_METRICS), 3.5))
-    try:
+    with _figure(path, len(PLOT_METRICS), (4 * len(PLOT_METRICS), 3.5)) as axes:
         for ax, metric in zip(axes, PLOT_METRICS, strict=True):
             for name, row in models.items():
                 ys = [row.get(f"{metric}@{k}", np.nan) for k in xs]
@@ -179,10 +174,6 @@ def _plot_metrics_vs_k(
             ax.set_xticks(xs)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize="small")
-        fig.tight_layout()
-        _save_atomic(fig, path)
-    finally:
-        plt.close(fig)
     return path
 
 
@@ -193,16 +184,11 @@ def _plot_slices(
     k: int,
 ) -> Path:
     """Grouped bars of HR@K: one group per slice, one bar per model (an empty slice has none)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = ["all", *SLICES]
     x = np.arange(len(groups))
     width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) * max(len(models), 1) ** 0.5), 4))
-    try:
+    size = (max(6.0, 1.6 * len(groups) * max(len(models), 1) ** 0.5), 4.0)
+    with _figure(path, 1, size) as ax:
         for i, (name, whole) in enumerate(models.items()):
             by_slice = {"all": whole, **slices[name]}
             heights = [by_slice[g].get(f"HR@{k}", np.nan) for g in groups]
@@ -213,10 +199,6 @@ def _plot_slices(
         ax.set_title(f"HR@{k} by slice")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        _save_atomic(fig, path)
-    finally:
-        plt.close(fig)
     return path
 
 
@@ -224,15 +206,9 @@ def _plot_tradeoff(
     path: Path, models: Mapping[str, Mapping[str, float]], sweep: Mapping[str, float], k: int
 ) -> Path:
     """NDCG@K and HR@K against intra-list diversity@K, one point per MMR lambda."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = sorted(sweep, key=lambda n: sweep[n])
     div = [models[n].get(f"diversity@{k}", np.nan) for n in runs]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    try:
+    with _figure(path, 1, (6.0, 4.0)) as ax:
         for metric in ("HR", "NDCG"):
             ys = [models[n].get(f"{metric}@{k}", np.nan) for n in runs]
             ax.plot(div, ys, marker="o", label=f"{metric}@{k}")
@@ -249,11 +225,25 @@ def _plot_tradeoff(
         ax.set_title("accuracy / diversity trade-off (MMR lambda)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    return path
+
+
+@contextmanager
+def _figure(path: Path, columns: int, size: tuple[float, float]) -> Iterator[Any]:
+    """The axes of a new figure (one row of ``columns``), laid out and saved atomically to
+    ``path`` when the block ends without an error, and closed either way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, columns, figsize=size)
+    try:
+        yield axes
         fig.tight_layout()
         _save_atomic(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def _save_atomic(fig: Any, path: Path) -> None:
