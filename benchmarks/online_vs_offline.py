@@ -6,7 +6,8 @@ evaluator judges each list the worker emitted by the user's next interaction. Th
 goes through offline prequential evaluation of the production ranker (``recstream eval
 --protocol prequential``'s code). Both use :mod:`schemas.scoring`; the difference between them is
 what the stream does differently from one-event-at-a-time evaluation (batching, the encoder's
-delay before a review's vector joins the user's state).
+delay before a review's vector joins the user's state). The online report also counts the targets
+judged by a list from before their previous event (the worker lists once per user per batch).
 
     python benchmarks/online_vs_offline.py LOG [--rate 40] [--limit N] [--k 10] [--json OUT]
                                            [--model-dir MODEL_DIR]
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"{key}: online {on:.4f} ({got_online['scored']} scored, "
-        f"{got_online['unmatched']} unmatched) | offline prequential {off:.4f} "
+        f"{got_online['unmatched']} unmatched, {got_online['stale_lists']} judged by a list "
+        f"from before the previous event) | offline prequential {off:.4f} "
         f"({got_offline['targets']} targets) | relative difference "
         f"{result['relative_difference']:.1%}"
     )

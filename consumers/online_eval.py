@@ -90,6 +90,7 @@ class OnlineEvaluator:
         self.score_from_ts = score_from_ts  # earlier targets are not scored (a model's training)
         self._users: dict[str, _UserTrack] = {}
         self.events = self.targets = self.scored = self.unmatched = self.out_of_window = 0
+        self.stale = 0  # scored by a list triggered before the target's previous event
         self.recommendations = 0
         self._sums = {"HR": 0.0, "NDCG": 0.0, "MRR": 0.0}
 
@@ -149,6 +150,7 @@ class OnlineEvaluator:
             "scored": n,
             "hits": round(self._sums["HR"]),
             "unmatched": self.unmatched,  # settled without any list shown before them
+            "stale_lists": self.stale,  # judged by a list from before the previous event
             "pending": sum(len(u.waiting) for u in self._users.values()),  # not settled yet
             "out_of_window": self.out_of_window,
             "targets": self.targets,
@@ -169,6 +171,7 @@ class OnlineEvaluator:
             return
         item = target.step.item_id
         self.scored += 1
+        self.stale += user.list_positions[0] < position - 1
         self._sums["HR"] += hit(ranked, item, self.k)
         self._sums["NDCG"] += ndcg(ranked, item, self.k)
         self._sums["MRR"] += mrr(ranked, item, self.k)

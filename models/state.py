@@ -79,6 +79,7 @@ class UserState:
     reviews: list[ReviewRef] = field(default_factory=list)  # oldest first
     events: int = 0
     last_ts: int = 0
+    last_event_id: str = ""  # the newest behaviour event applied: what a fresh list reflects
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +94,7 @@ class UserState:
             reviews=[ReviewRef(**r) for r in data.get("reviews", [])],
             events=int(data.get("events", 0)),
             last_ts=int(data.get("last_ts", 0)),
+            last_event_id=str(data.get("last_event_id", "")),
         )
 
     def exclusions(self, exclude_seen: bool) -> set[str]:

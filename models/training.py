@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from infra.cli import UserError, load_cli_settings
 from infra.settings import Settings
 from models.evaluation.baselines import Ranker, Request, Step, apply_step
-from models.evaluation.cli import Embeddings
+from models.evaluation.cli import Embeddings, described, textless_items
 from models.evaluation.data import Dataset, distinct_sequence, load_dataset
 from models.evaluation.protocols import Progress
 from models.reranker import Signals, fit_reranker
@@ -140,7 +140,10 @@ class Trainer:
         self.device = pick_device(settings)
         self.ids = data.catalogue
         emb = Embeddings(settings)
-        self.vectors = emb.of([data.item_text[i] for i in self.ids], "items")
+        # Items without catalogue text are described by the reviews in the training part only.
+        trained_on = {i.event_id for steps in split.train.values() for s in steps for i in s}
+        self.base_vectors = emb.of([data.item_text[i] for i in self.ids], "items")
+        self.vectors = described(data, emb, lambda r: r.event_id in trained_on)
         self.vec_of = dict(zip(self.ids, self.vectors, strict=True))
         seen = dict.fromkeys(s[0].item_id for steps in split.train.values() for s in steps)
         self.vocab = [i for i in self.ids if i in seen]
@@ -318,13 +321,14 @@ class Trainer:
         ranker = Ranker.build(
             workdir,
             item_ids=self.ids,
-            item_vectors=self.vectors,
+            item_vectors=self.base_vectors,  # profiles come from the reviews it observes
             titles=self.data.item_title,
             reviews=self.reviews,
             ranking=ranking,
             fusion=model.fusion,
             model=model,
             name="trained",
+            textless=textless_items(self.data),
         )
         for user, steps in self.split.train.items():
             for step in steps:

@@ -1,5 +1,6 @@
 """Encoder: consumes encode requests; upserts item and review vectors into the vector store, deletes
-removed items, and emits ``review_embedded`` user updates.
+removed items, and emits ``review_embedded`` user updates. Items without catalogue text take their
+reviews' profile (:mod:`models.profiles`) once the batch's reviews are stored.
 
 Requests are micro-batched (size or wait time), coalesced per item (the latest version wins) and
 encoded off the event loop. A text the encoder rejects alone is dead-lettered; the rest go on.
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from infra.vectors import VectorPoint, VectorStore, point_id
 from models.encoder import TextEncoder
+from models.profiles import REVIEWS, refresh_profiles, text_source
 from models.state import SNIPPET_CHARS, review_key
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.topics import USER_UPDATES
@@ -43,6 +45,8 @@ def item_point(req: EncodeRequest, vector: np.ndarray) -> VectorPoint:
         "categories": req.categories,
         "available": req.available,
         "updated_ts": req.ts,
+        "text_source": text_source(req.text, req.item_id),
+        "reviews": 0,
     }
     return VectorPoint(req.item_id, vector, payload)
 
@@ -116,8 +120,12 @@ class EncodeStep:
                 self.store.upsert(self.items, items)
             if reviews:
                 self.store.upsert(self.reviews, reviews)
-                for r in (r for r in done if r.kind == "review"):
-                    self._announce_review(r)
+            described = [p.key for p in items if p.payload["text_source"] == REVIEWS]
+            described += [str(p.payload["item_id"]) for p in reviews]
+            if described:
+                refresh_profiles(self.store, self.items, self.reviews, described)
+            for r in (r for r in done if r.kind == "review"):
+                self._announce_review(r)
         if removed:
             self.store.delete(self.items, removed)
         log.debug(

@@ -17,17 +17,19 @@ from pydantic import ValidationError
 
 from infra.vectors import VectorStore
 from models.covisit import add_counts, bump_popularity, covisit_pairs
+from models.profiles import refresh_profiles
 from models.ranking import Ranked
 from models.recommender import Recommender, UserRequest, covisit_sources
 from models.state import UserState, apply_interaction, apply_review
 from schemas.events import RecommendationEvent, RecommendedItem, now_ms
-from schemas.internal import UserUpdate
+from schemas.internal import EncodeRequest, UserUpdate
 from schemas.serde import encode
-from schemas.topics import RECOMMENDATIONS
+from schemas.topics import ENCODE_REQUESTS, RECOMMENDATIONS
 from streams.sinks import Output, Sinks
 
 STEP = "update-user-state"
 POPULAR_KEY = "__all__"
+FORGET_REVIEWS = 100_000  # a user's reviews read back on forget, to rebuild the items' profiles
 log = structlog.get_logger(__name__)
 
 
@@ -57,16 +59,28 @@ def apply_updates(
             )
             pairs.extend(covisit_pairs(before, up.item_id))
             touched.append(up.item_id)
+            state.last_event_id = up.event_id
     return state, pairs, touched
 
 
 def recommendation_event(
-    user_id: str, trigger: UserUpdate, ranked: list[Ranked], model_version: str
+    user_id: str,
+    trigger: UserUpdate,
+    ranked: list[Ranked],
+    model_version: str,
+    reflects: str = "",
 ) -> RecommendationEvent:
-    """The public recommendation record for one user's fresh list."""
+    """The public recommendation record for one user's fresh list.
+
+    ``trigger_event_id`` is ``reflects``, the newest behaviour event in the user's state, when
+    there is one: a list refreshed because a review's vector arrived after the user's next
+    events reflects those events too, so naming the review would date it too early (and a reader
+    judging "the list shown after event X" would take a list that already knows X's successor).
+    Latency still runs from the update that started this list.
+    """
     return RecommendationEvent(
         user_id=user_id,
-        trigger_event_id=trigger.event_id,
+        trigger_event_id=reflects or trigger.event_id,
         model_version=model_version,
         latency_ms=max(0.0, float(now_ms() - trigger.received_ms)),
         items=[
@@ -107,8 +121,9 @@ class UserStateStep:
         touched_all: list[str] = []
         requests: list[tuple[UserRequest, UserUpdate]] = []
         for user_id, ups in by_user.items():
-            if any(u.kind == "forget" for u in ups):
-                self._forget(user_id)
+            forget = next((u for u in ups if u.kind == "forget"), None)
+            if forget is not None:
+                self._forget(forget)
             state = UserState.from_dict(self.tables.users.get(user_id))
             state, pairs, touched = apply_updates(state, ups, self.max_recent)
             for a, b in pairs:
@@ -126,10 +141,30 @@ class UserStateStep:
             self.tables.popularity[POPULAR_KEY] = popular
         return self._recommend(requests, popular)
 
-    def _forget(self, user_id: str) -> None:
+    def _forget(self, update: UserUpdate) -> None:
+        """Drop the user's state and reviews, and rebuild the review profiles their reviews were
+        part of; an item left with no review is sent back to the encoder for its own text."""
+        user_id = update.user_id
         self.tables.users.pop(user_id, None)
+        mine = self.store.points_where(self.reviews, "user_id", user_id, limit=FORGET_REVIEWS)
         self.store.delete_where(self.reviews, "user_id", user_id)
-        log.info("user_forgotten", step=STEP, user_id=user_id)
+        items = self.recommender.items
+        reviewed = [str(p.payload.get("item_id")) for p in mine]
+        bare = refresh_profiles(self.store, items, self.reviews, reviewed)
+        for key, point in self.store.retrieve(items, bare, with_vectors=False).items():
+            request = EncodeRequest(
+                event_id=update.event_id,
+                ts=update.ts,
+                received_ms=update.received_ms,
+                kind="item",
+                item_id=key,
+                text=key,
+                title=str(point.payload.get("title") or key),
+                categories=list(point.payload.get("categories") or []),
+                available=bool(point.payload.get("available", True)),
+            )
+            self.sinks.send(Output(ENCODE_REQUESTS, key, request.model_dump_json().encode()))
+        log.info("user_forgotten", step=STEP, user_id=user_id, profiles=len(set(reviewed)))
 
     def _recommend(
         self, requests: list[tuple[UserRequest, UserUpdate]], popular: dict[str, float]
@@ -145,7 +180,9 @@ class UserStateStep:
             if not ranked:  # nothing recommendable yet (e.g. the catalogue is still embedding)
                 log.info("nothing_to_recommend", step=STEP, user_id=req.user_id)
                 continue
-            event = recommendation_event(req.user_id, trigger, ranked, version)
+            event = recommendation_event(
+                req.user_id, trigger, ranked, version, req.state.last_event_id
+            )
             self.sinks.send(Output(RECOMMENDATIONS, req.user_id, encode(event)))
             events.append(event)
         return events

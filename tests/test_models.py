@@ -825,3 +825,38 @@ def test_a_repeat_of_the_latest_item_merges_into_one_interaction() -> None:
     assert first == again == ["a"]
     assert state.consumed == ["b"]
     assert state.events == 3
+
+
+def test_a_late_review_vector_refreshes_the_list_under_the_newest_event(
+    store: EdgeVectorStore,
+) -> None:
+    """u reviews a1 (e1), then views a2 (e2); the review's vector arrives after both. The list it
+    triggers reflects e2, so it is named after e2, not e1: a reader judging the list shown after
+    e1 must not get one that already knows a2."""
+    tables = Tables(users={}, covisit={}, popularity={})
+    step, _ = _step(store, tables)
+    store.upsert(
+        "reviews", [VectorPoint("review:e1", _unit(_axis(0)), {"user_id": "u", "item_id": "a1"})]
+    )
+    first = step.run(
+        [
+            _update("e1", "u", "behavior", "a1", event_type="review"),
+            _update("e2", "u", "behavior", "a2"),
+        ]
+    )
+    late = UserUpdate(
+        event_id="e1",
+        ts=TS,
+        received_ms=TS,
+        kind="review_embedded",
+        user_id="u",
+        event_type="review",
+        item_id="a1",
+        review_point="review:e1",
+        review_snippet="Nice",
+    )
+    second = step.run([late])
+    assert [e.trigger_event_id for e in first] == ["e2"]
+    assert [e.trigger_event_id for e in second] == ["e2"]
+    assert UserState.from_dict(tables.users["u"]).last_event_id == "e2"
+    assert {i.item_id for i in second[0].items}.isdisjoint({"a1", "a2"})

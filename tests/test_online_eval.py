@@ -114,6 +114,7 @@ def test_an_older_list_is_used_when_the_newest_event_has_none() -> None:
     assert report["scored"] == 2
     assert report["HR@3"] == 1.0  # b at rank 1 and c at rank 2 of the list of u-0
     assert report["MRR@3"] == pytest.approx((1 + 0.5) / 2)
+    assert report["stale_lists"] == 1  # the target at 2, judged by the list of u-0, not of u-1
 
 
 def test_a_target_waits_until_finish_then_uses_the_latest_list_or_is_unmatched() -> None:

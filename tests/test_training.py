@@ -475,3 +475,55 @@ def test_prequential_scores_only_what_a_time_model_never_read(
     assert (
         results["models"]["trained"]["targets"] == results["models"]["covisit"]["targets"] == scored
     )
+
+
+def test_textless_items_train_on_the_profile_of_training_reviews_only(tmp_path: Path) -> None:
+    """With the real encoder and a time holdout: an ASIN-only item's training vector is the unit
+    mean of the reviews in the training part; the review written after the cut is left out, and
+    an item with catalogue text keeps its text's vector although it was reviewed."""
+    from models.training import Recipe, Trainer
+    from schemas.events import ReviewEvent
+
+    texts = [
+        "Warm tone, the strings stay in tune",
+        "Bright sound and easy on the fingers",
+        "Good strings for the price",
+        "Long lasting coated strings",
+        "Nice for fingerstyle playing",
+        "They squeak a little but sound fine",
+        "My favourite strings so far",
+        "Solid set of acoustic strings",
+        "Arrived late",
+        "The drum throne wobbles and the seat cracked",
+    ]
+    rows = [
+        to_row(
+            ItemEvent(event_id="i1", ts=T0, type="item", item_id="B00ASIN001", title="B00ASIN001")
+        ),
+        to_row(
+            ItemEvent(event_id="i2", ts=T0, type="item", item_id="tuner", title="Clip-on tuner")
+        ),
+    ]
+    for n, text in enumerate(texts):
+        user, ts = f"u{n}", T0 + (n + 1) * DAY
+        for item in ("B00ASIN001", "tuner"):
+            common = {"ts": ts, "user_id": user, "item_id": item}
+            rows.append(to_row(BehaviorEvent(type="purchase", event_id=f"p{n}{item}", **common)))
+            rows.append(
+                to_row(ReviewEvent(type="review", event_id=f"r{n}{item}", text=text, **common))
+            )
+    log = tmp_path / "log.parquet"
+    rows_to_frame(rows).write_parquet(log)
+    data = load_dataset(log)
+    split = holdout(data, "time")
+    settings = load_settings(data_dir=tmp_path / "data", encoder={"device": "cpu"})
+    trainer = Trainer(data, split, settings, Recipe())
+    trained_on = {i.event_id for steps in split.train.values() for s in steps for i in s}
+    kept = [t for n, t in enumerate(texts) if f"r{n}B00ASIN001" in trained_on]
+    assert 0 < len(kept) < len(texts)
+    assert texts[-1] not in kept
+    encoded = Embeddings(settings).of(kept, "check")
+    mean = encoded.mean(axis=0)
+    np.testing.assert_allclose(trainer.vec_of["B00ASIN001"], mean / np.linalg.norm(mean), atol=1e-5)
+    tuner = Embeddings(settings).of([data.item_text["tuner"]], "check-tuner")[0]
+    np.testing.assert_allclose(trainer.vec_of["tuner"], tuner, atol=1e-5)

@@ -211,6 +211,25 @@ def test_delete_where_removes_every_point_of_one_user(
     assert hits == [[] for _ in range(6)]
 
 
+def test_points_where_returns_one_users_points_with_vectors_up_to_the_limit(
+    filled: tuple[VectorStore, list[VectorPoint]],
+) -> None:
+    """``points_where('user_id', 'u1')`` returns exactly u1's 40 points with their stored vectors,
+    the same first 7 on every call when limited, and nothing for an unknown value."""
+    store, points = filled
+    mine = {p.key: p for p in points if p.payload["user_id"] == "u1"}
+    found = store.points_where(ITEMS, "user_id", "u1", limit=1000)
+    assert sorted(p.key for p in found) == sorted(mine)
+    assert len(found) == 40
+    for p in found:
+        np.testing.assert_allclose(p.vector, _vector(mine[p.key]), atol=1e-6)
+    first = [p.key for p in store.points_where(ITEMS, "user_id", "u1", limit=7)]
+    assert len(first) == 7
+    assert set(first) <= set(mine)
+    assert [p.key for p in store.points_where(ITEMS, "user_id", "u1", limit=7)] == first
+    assert store.points_where(ITEMS, "user_id", "nobody", limit=10) == []
+
+
 def test_count_follows_upserts_and_deletes(store: VectorStore) -> None:
     """``count`` is 0 when empty and tracks inserts, re-upserts and deletes."""
     points = _corpus(30)

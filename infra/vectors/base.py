@@ -71,6 +71,12 @@ class VectorStore(Protocol):
     ) -> dict[str, VectorPoint]:
         """The stored points among ``keys``, by key; missing keys are simply absent."""
 
+    def points_where(
+        self, collection: str, field_name: str, value: str, *, limit: int
+    ) -> list[VectorPoint]:
+        """At most ``limit`` points (with vectors) whose payload ``field_name`` equals ``value``,
+        in point-id order, so the same stored set always gives the same answer."""
+
     def query_batch(
         self,
         collection: str,

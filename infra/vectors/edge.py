@@ -97,6 +97,18 @@ class EdgeVectorStore:
         points = [_to_point(record, with_vectors=with_vectors) for record in records]
         return {point.key: point for point in points}
 
+    def points_where(
+        self, collection: str, field_name: str, value: str, *, limit: int
+    ) -> list[VectorPoint]:
+        """At most ``limit`` points (with vectors) whose payload ``field_name`` equals ``value``."""
+        from qdrant_edge import ScrollRequest
+
+        condition = _edge_filter(Filter(must_equal={field_name: value}))
+        records, _ = self._shard(collection).scroll(
+            ScrollRequest(limit=limit, filter=condition, with_payload=True, with_vector=True)
+        )
+        return [_to_point(record, with_vectors=True) for record in records]
+
     def query_batch(
         self,
         collection: str,

@@ -90,6 +90,19 @@ class QdrantServerStore:
         points = [_to_point(record, with_vectors=with_vectors) for record in records]
         return {point.key: point for point in points}
 
+    def points_where(
+        self, collection: str, field_name: str, value: str, *, limit: int
+    ) -> list[VectorPoint]:
+        """At most ``limit`` points (with vectors) whose payload ``field_name`` equals ``value``."""
+        records, _ = self._client.scroll(
+            collection,
+            scroll_filter=_client_filter(Filter(must_equal={field_name: value})),
+            limit=limit,
+            with_payload=True,
+            with_vectors=True,
+        )
+        return [_to_point(record, with_vectors=True) for record in records]
+
     def query_batch(
         self,
         collection: str,

@@ -9,7 +9,7 @@ over a real vector store, fed exactly as the stream agent feeds it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +27,7 @@ from models.covisit import (
     covisit_scores,
 )
 from models.evaluation.data import Interaction
+from models.profiles import CATALOGUE, REVIEWS, ProfileBook
 from models.recommender import Recommender, UserRequest, covisit_sources
 from models.reranker import Signals
 from models.state import Fusion, UserState, apply_interaction, apply_review, review_key
@@ -50,6 +51,10 @@ class EvalModel(Protocol):
     def observe(self, user_id: str, step: Step) -> None:
         """Learn from one step of one user (called in event-time order)."""
 
+    def repeat(self, user_id: str, step: Step) -> None:
+        """Learn from a repeat of the user's latest item (the review after a purchase): not a new
+        step, but the stream still counts it in popularity and embeds its review."""
+
     def recommend(self, requests: Sequence[Request], k: int) -> list[list[str]]:
         """The top ``k`` item ids for each request, best first."""
 
@@ -62,6 +67,19 @@ def apply_step(state: UserState, step: Step, max_recent: int) -> None:
         )
         if inter.kind == "review" and inter.text:
             apply_review(state, review_key(inter.event_id), inter.item_id, inter.text)
+
+
+def learn_reviews(
+    profiles: ProfileBook, reviews: Mapping[str, tuple[str, np.ndarray]], step: Step
+) -> list[tuple[str, np.ndarray]]:
+    """Add the step's reviews to ``profiles``; (item, new profile) for each item that changed."""
+    out = []
+    for inter in step:
+        if inter.kind == "review" and inter.event_id in reviews:
+            profile = profiles.add(inter.item_id, inter.event_id, reviews[inter.event_id][1])
+            if profile is not None:
+                out.append((inter.item_id, profile))
+    return out
 
 
 def _top(scores: Mapping[str, float], k: int, exclude: set[str]) -> list[str]:
@@ -81,6 +99,9 @@ class MostPop:
     def observe(self, user_id: str, step: Step) -> None:
         self.counts[step[0].item_id] += 1
         self._order = None
+
+    def repeat(self, user_id: str, step: Step) -> None:
+        return  # counted once per step, as in the published protocol
 
     def ranking(self) -> list[str]:
         if self._order is None:
@@ -122,6 +143,9 @@ class CoVisit:
         if self._own_popularity:
             self.popularity.observe(user_id, step)
 
+    def repeat(self, user_id: str, step: Step) -> None:
+        return  # a repeat of the same item is no co-visit
+
     def recommend(self, requests: Sequence[Request], k: int) -> list[list[str]]:
         fill = self.popularity.recommend(requests, k)
         out = []
@@ -136,18 +160,34 @@ class CoVisit:
 
 
 class TextKnn:
-    """Encoder similarity to the mean of the user's last three items."""
+    """Encoder similarity to the mean of the user's last three items. Items without catalogue
+    text are described by the reviews observed so far (:mod:`models.profiles`)."""
 
     name = "textknn"
 
-    def __init__(self, item_ids: Sequence[str], vectors: np.ndarray, last: int = 3) -> None:
+    def __init__(
+        self,
+        item_ids: Sequence[str],
+        vectors: np.ndarray,
+        last: int = 3,
+        *,
+        reviews: Mapping[str, tuple[str, np.ndarray]] | None = None,
+        textless: Iterable[str] = (),
+    ) -> None:
         self.ids = list(item_ids)
         self.index = {i: n for n, i in enumerate(self.ids)}
-        self.vectors = vectors
+        self.vectors = vectors.copy()
         self.last = last
+        self.reviews = reviews or {}
+        self.profiles = ProfileBook(textless)
 
     def observe(self, user_id: str, step: Step) -> None:
-        return  # nothing to learn: the item text is the model
+        for item, vector in learn_reviews(self.profiles, self.reviews, step):
+            if item in self.index:
+                self.vectors[self.index[item]] = vector
+
+    def repeat(self, user_id: str, step: Step) -> None:
+        self.observe(user_id, step)
 
     def recommend(self, requests: Sequence[Request], k: int) -> list[list[str]]:
         out: list[list[str]] = []
@@ -191,6 +231,8 @@ class Ranker:
         self.covisit = CoVisit()
         self.popular: dict[str, float] = {}  # decayed, as the stream's popularity table
         self.max_recent = max_recent
+        self.reviews: Mapping[str, tuple[str, np.ndarray]] = {}
+        self.profiles = ProfileBook(())
 
     @classmethod
     def build(
@@ -205,16 +247,27 @@ class Ranker:
         fusion: Fusion,
         name: str = "ranker",
         model: TrainedModel | None = None,
+        textless: Iterable[str] = (),
     ) -> Ranker:
-        """A ranker over an embedded store at ``path`` holding the items and review vectors."""
+        """A ranker over an embedded store at ``path`` holding the items and review vectors;
+        ``textless`` items are described by the reviews it observes."""
         from infra.vectors.edge import EdgeVectorStore
 
         store = EdgeVectorStore(path)
         dim = int(item_vectors.shape[1])
         store.ensure_collection("items", dim)
         store.ensure_collection("reviews", dim)
+        textless = set(textless)
         points = [
-            VectorPoint(i, v, {"title": titles.get(i, i), "available": True})
+            VectorPoint(
+                i,
+                v,
+                {
+                    "title": titles.get(i, i),
+                    "available": True,
+                    "text_source": REVIEWS if i in textless else CATALOGUE,
+                },
+            )
             for i, v in zip(item_ids, item_vectors, strict=True)
         ]
         for start in range(0, len(points), 1000):
@@ -225,15 +278,37 @@ class Ranker:
         ]
         for start in range(0, len(review_points), 1000):
             store.upsert("reviews", review_points[start : start + 1000])
-        return cls(store, ranking, fusion, name=name, model=model)
+        ranker = cls(store, ranking, fusion, name=name, model=model)
+        ranker.reviews = reviews
+        ranker.profiles = ProfileBook(textless)
+        return ranker
 
     def observe(self, user_id: str, step: Step) -> None:
         self.covisit.observe(user_id, step)
-        self.bump(step)
+        self.repeat(user_id, step)
 
-    def bump(self, step: Step) -> None:
-        """Count the step's interactions in popularity, as the stream's table does."""
+    def repeat(self, user_id: str, step: Step) -> None:
+        """Count the step's interactions in popularity, as the stream's table does, and give
+        items without catalogue text their new review profile."""
         self.popular = bump_popularity(self.popular, [i.item_id for i in step])
+        profiles = dict(learn_reviews(self.profiles, self.reviews, step))
+        if profiles:
+            items = self.recommender.items
+            stored = self.recommender.store.retrieve(items, list(profiles), with_vectors=False)
+            self.recommender.store.upsert(
+                items,
+                [
+                    VectorPoint(
+                        key,
+                        profiles[key],
+                        {
+                            **{k: v for k, v in p.payload.items() if k != "key"},
+                            "reviews": self.profiles.count(key),
+                        },
+                    )
+                    for key, p in stored.items()
+                ],
+            )
 
     def state_of(self, history: Sequence[Step]) -> UserState:
         """The user state the stream would hold after ``history``."""

@@ -8,7 +8,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,10 @@ from infra.cli import UserError, load_cli_settings
 from infra.settings import Settings
 from models.encoder import TextEncoder
 from models.evaluation.baselines import CoVisit, EvalModel, MostPop, Ranker, TextKnn
-from models.evaluation.data import Dataset, load_dataset
+from models.evaluation.data import Dataset, Interaction, load_dataset
 from models.evaluation.protocols import Progress, run_loo, run_prequential
 from models.evaluation.report import write_results
+from models.profiles import REVIEWS, text_source, with_profiles
 from models.state import Fusion
 from models.trained import TrainedModel, fingerprint, read_manifest
 
@@ -95,6 +96,35 @@ class Embeddings:
         return vectors[[row[t] for t in texts]] if texts else vectors
 
 
+def textless_items(data: Dataset) -> set[str]:
+    """The items whose only text is their id: their reviews describe them."""
+    return {i for i, text in data.item_text.items() if text_source(text, i) == REVIEWS}
+
+
+def described(
+    data: Dataset, emb: Embeddings, keep: Callable[[Interaction], bool] | None = None
+) -> np.ndarray:
+    """Item vectors in catalogue order: the text's, or for items without text the profile of
+    their reviews that ``keep`` admits (every review when None)."""
+    ids = data.catalogue
+    vectors = emb.of([data.item_text[i] for i in ids], "items")
+    textless = textless_items(data)
+    every = [r for r in data.interactions if r.kind == "review" and r.text]
+    if not textless or not every:
+        return vectors
+    review_vectors = emb.of([r.text or "" for r in every], "reviews")  # the cache eval reads
+    return with_profiles(
+        ids,
+        vectors,
+        textless,
+        [
+            (r.item_id, r.event_id, v)
+            for r, v in zip(every, review_vectors, strict=True)
+            if keep is None or keep(r)
+        ],
+    )
+
+
 def build_models(
     names: Sequence[str],
     data: Dataset,
@@ -115,6 +145,7 @@ def build_models(
         r.event_id: (r.user_id, v)
         for r, v in zip(reviews, review_vectors if review_vectors is not None else [], strict=False)
     }
+    textless = textless_items(data)
     for name in names:
         if name == "mostpop":
             models.append(MostPop())
@@ -122,7 +153,7 @@ def build_models(
             models.append(CoVisit())
         elif name == "textknn":
             assert item_vectors is not None
-            models.append(TextKnn(ids, item_vectors))
+            models.append(TextKnn(ids, item_vectors, reviews=by_review, textless=textless))
         else:
             assert item_vectors is not None
             fusion = Fusion.untrained(settings.ranking.behaviour_weight)
@@ -144,6 +175,7 @@ def build_models(
                     fusion=fusion,
                     name=name,
                     model=trained,
+                    textless=textless,
                 )
             )
     return models
@@ -238,9 +270,7 @@ def cli_eval(args: argparse.Namespace) -> int:
             runs, popularity = run_prequential(data, models, max(ks), score_from_ts=score_from)
         vectors = None
         if any(isinstance(m, (TextKnn, Ranker)) for m in models):  # diversity needs item vectors
-            ids = data.catalogue
-            embedded = Embeddings(settings).of([data.item_text[i] for i in ids], "items")
-            vectors = dict(zip(ids, embedded, strict=True))
+            vectors = dict(zip(data.catalogue, described(data, Embeddings(settings)), strict=True))
         for store in {
             id(m.recommender.store): m.recommender.store for m in models if isinstance(m, Ranker)
         }.values():

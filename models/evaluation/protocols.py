@@ -222,8 +222,8 @@ def _after(
         started = time.monotonic()
         if observe:
             model.observe(user, history[-1])
-        elif isinstance(model, Ranker):
-            model.bump(history[-1][-1:])  # the stream counts a repeat in popularity too
+        else:
+            model.repeat(user, history[-1][-1:])
         if isinstance(model, Ranker) and emit:
             latest[model.name][user] = model.recommend([Request(user, history, exclude)], k)[0]
         timers[model.name] += time.monotonic() - started

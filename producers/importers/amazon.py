@@ -9,7 +9,8 @@ ordered by the log's tie-break: user id, item id, type, event id.
 
 Review text is ``summary. reviewText``. Items get title = the ASIN and nothing else: these files
 carry no item metadata, and building item text from reviews here would leak future text into the
-catalogue.
+catalogue. Such items are described by the reviews that have arrived instead
+(:mod:`models.profiles`).
 """
 
 from __future__ import annotations
