@@ -64,11 +64,18 @@ class ProfileBook:
         return len(self._reviews.get(item_id, {}))
 
 
+def profile_point(point: VectorPoint, profile: np.ndarray, reviews: int) -> VectorPoint:
+    """The stored item ``point`` with its vector replaced by ``profile`` of ``reviews`` reviews."""
+    payload = {k: v for k, v in point.payload.items() if k != "key"}
+    return VectorPoint(point.key, profile, {**payload, "reviews": reviews})
+
+
 def refresh_profiles(
     store: VectorStore, items: str, reviews: str, item_ids: Iterable[str]
-) -> list[str]:
+) -> list[VectorPoint]:
     """Rebuild the vectors of the review-described items among ``item_ids`` from the reviews now
-    in the store; returns those left with no review (their vector should be their own text's)."""
+    in the store; returns the stored points of those left with no review (their vector should be
+    their own text's)."""
     wanted = list(dict.fromkeys(item_ids))
     points = store.retrieve(items, wanted) if wanted else {}
     updated, bare = [], []
@@ -79,10 +86,9 @@ def refresh_profiles(
         profile = review_profile([p.vector for p in found if p.vector is not None])
         if profile is None:
             if point.payload.get("reviews"):
-                bare.append(key)
+                bare.append(point)
             continue
-        payload = {k: v for k, v in point.payload.items() if k != "key"}
-        updated.append(VectorPoint(key, profile, {**payload, "reviews": len(found)}))
+        updated.append(profile_point(point, profile, len(found)))
     store.upsert(items, updated)
     return bare
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from infra.cli import UserError, load_cli_settings
 from infra.settings import Settings
 from models.evaluation.baselines import Ranker, Request, Step, apply_step
-from models.evaluation.cli import Embeddings, described, textless_items
+from models.evaluation.cli import Embeddings, described, embed_reviews, textless_items
 from models.evaluation.data import Dataset, distinct_sequence, load_dataset
 from models.evaluation.protocols import Progress
 from models.reranker import Signals, fit_reranker
@@ -140,20 +140,17 @@ class Trainer:
         self.device = pick_device(settings)
         self.ids = data.catalogue
         emb = Embeddings(settings)
+        self.reviews = embed_reviews(data, emb)
         # Items without catalogue text are described by the reviews in the training part only.
         trained_on = {i.event_id for steps in split.train.values() for s in steps for i in s}
         self.base_vectors = emb.of([data.item_text[i] for i in self.ids], "items")
-        self.vectors = described(data, emb, lambda r: r.event_id in trained_on)
+        self.vectors = described(
+            data, self.base_vectors, self.reviews, lambda r: r.event_id in trained_on
+        )
         self.vec_of = dict(zip(self.ids, self.vectors, strict=True))
         seen = dict.fromkeys(s[0].item_id for steps in split.train.values() for s in steps)
         self.vocab = [i for i in self.ids if i in seen]
         self.index = {i: n for n, i in enumerate(self.vocab)}
-        # Every review of the log is embedded (the same texts, so the same cache, as ``eval``);
-        # a review's vector is only ever read once the review is in a training or validation
-        # history, so embedding the later ones reveals nothing.
-        every = [i for i in data.interactions if i.kind == "review" and i.text]
-        vecs = emb.of([r.text or "" for r in every], "reviews") if every else np.zeros((0, 1))
-        self.reviews = {r.event_id: (r.user_id, v) for r, v in zip(every, vecs, strict=False)}
 
     # --- fusion ------------------------------------------------------------------------------
 

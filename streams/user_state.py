@@ -150,8 +150,8 @@ class UserStateStep:
         self.store.delete_where(self.reviews, "user_id", user_id)
         items = self.recommender.items
         reviewed = [str(p.payload.get("item_id")) for p in mine]
-        bare = refresh_profiles(self.store, items, self.reviews, reviewed)
-        for key, point in self.store.retrieve(items, bare, with_vectors=False).items():
+        for point in refresh_profiles(self.store, items, self.reviews, reviewed):
+            key = point.key
             request = EncodeRequest(
                 event_id=update.event_id,
                 ts=update.ts,

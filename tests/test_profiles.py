@@ -148,7 +148,7 @@ def test_refresh_profiles_reads_the_stored_reviews_and_reports_items_left_withou
     assert (got["t"].payload["reviews"], got["t"].payload["title"]) == (2, "t")
     np.testing.assert_allclose(got["c"].vector, _unit([0, 0, 0, 1]), atol=1e-6)
     store.delete("reviews", ["r1", "r2"])
-    assert refresh_profiles(store, "items", "reviews", ["t"]) == ["t"]
+    assert [p.key for p in refresh_profiles(store, "items", "reviews", ["t"])] == ["t"]
 
 
 # --- the stream -----------------------------------------------------------------------------------

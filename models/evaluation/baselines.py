@@ -27,7 +27,7 @@ from models.covisit import (
     covisit_scores,
 )
 from models.evaluation.data import Interaction
-from models.profiles import CATALOGUE, REVIEWS, ProfileBook
+from models.profiles import CATALOGUE, REVIEWS, ProfileBook, profile_point
 from models.recommender import Recommender, UserRequest, covisit_sources
 from models.reranker import Signals
 from models.state import Fusion, UserState, apply_interaction, apply_review, review_key
@@ -225,14 +225,16 @@ class Ranker:
         max_recent: int = 50,
         name: str = "ranker",
         model: TrainedModel | None = None,
+        reviews: Mapping[str, tuple[str, np.ndarray]] | None = None,
+        textless: Iterable[str] = (),
     ) -> None:
         self.name = name
         self.recommender = Recommender(store, ranking, fusion, "items", "reviews", model=model)
         self.covisit = CoVisit()
         self.popular: dict[str, float] = {}  # decayed, as the stream's popularity table
         self.max_recent = max_recent
-        self.reviews: Mapping[str, tuple[str, np.ndarray]] = {}
-        self.profiles = ProfileBook(())
+        self.reviews = reviews or {}  # by event id: what observed reviews' vectors are
+        self.profiles = ProfileBook(textless)
 
     @classmethod
     def build(
@@ -278,10 +280,9 @@ class Ranker:
         ]
         for start in range(0, len(review_points), 1000):
             store.upsert("reviews", review_points[start : start + 1000])
-        ranker = cls(store, ranking, fusion, name=name, model=model)
-        ranker.reviews = reviews
-        ranker.profiles = ProfileBook(textless)
-        return ranker
+        return cls(
+            store, ranking, fusion, name=name, model=model, reviews=reviews, textless=textless
+        )
 
     def observe(self, user_id: str, step: Step) -> None:
         self.covisit.observe(user_id, step)
@@ -293,21 +294,11 @@ class Ranker:
         self.popular = bump_popularity(self.popular, [i.item_id for i in step])
         profiles = dict(learn_reviews(self.profiles, self.reviews, step))
         if profiles:
-            items = self.recommender.items
-            stored = self.recommender.store.retrieve(items, list(profiles), with_vectors=False)
-            self.recommender.store.upsert(
+            store, items = self.recommender.store, self.recommender.items
+            stored = store.retrieve(items, list(profiles), with_vectors=False)
+            store.upsert(
                 items,
-                [
-                    VectorPoint(
-                        key,
-                        profiles[key],
-                        {
-                            **{k: v for k, v in p.payload.items() if k != "key"},
-                            "reviews": self.profiles.count(key),
-                        },
-                    )
-                    for key, p in stored.items()
-                ],
+                [profile_point(p, profiles[k], self.profiles.count(k)) for k, p in stored.items()],
             )
 
     def state_of(self, history: Sequence[Step]) -> UserState:

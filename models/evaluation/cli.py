@@ -8,7 +8,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -101,26 +101,36 @@ def textless_items(data: Dataset) -> set[str]:
     return {i for i, text in data.item_text.items() if text_source(text, i) == REVIEWS}
 
 
-def described(
-    data: Dataset, emb: Embeddings, keep: Callable[[Interaction], bool] | None = None
-) -> np.ndarray:
-    """Item vectors in catalogue order: the text's, or for items without text the profile of
-    their reviews that ``keep`` admits (every review when None)."""
-    ids = data.catalogue
-    vectors = emb.of([data.item_text[i] for i in ids], "items")
-    textless = textless_items(data)
+def embed_reviews(data: Dataset, emb: Embeddings) -> dict[str, tuple[str, np.ndarray]]:
+    """Every review with text, by event id: (user id, vector). All of the log's reviews are
+    embedded (one cache for eval and train); a review's vector is only read once the review is
+    in a history or has been observed, so embedding later ones reveals nothing."""
     every = [r for r in data.interactions if r.kind == "review" and r.text]
-    if not textless or not every:
+    if not every:
+        return {}
+    vectors = emb.of([r.text or "" for r in every], "reviews")
+    return {r.event_id: (r.user_id, v) for r, v in zip(every, vectors, strict=True)}
+
+
+def described(
+    data: Dataset,
+    vectors: np.ndarray,
+    reviews: Mapping[str, tuple[str, np.ndarray]],
+    keep: Callable[[Interaction], bool] | None = None,
+) -> np.ndarray:
+    """The item ``vectors`` (catalogue order), each item without text replaced by the profile of
+    its ``reviews`` that ``keep`` admits (every one when None)."""
+    textless = textless_items(data)
+    if not textless or not reviews:
         return vectors
-    review_vectors = emb.of([r.text or "" for r in every], "reviews")  # the cache eval reads
     return with_profiles(
-        ids,
+        data.catalogue,
         vectors,
         textless,
         [
-            (r.item_id, r.event_id, v)
-            for r, v in zip(every, review_vectors, strict=True)
-            if keep is None or keep(r)
+            (r.item_id, r.event_id, reviews[r.event_id][1])
+            for r in data.interactions
+            if r.event_id in reviews and (keep is None or keep(r))
         ],
     )
 
@@ -139,12 +149,7 @@ def build_models(
     ids = data.catalogue
     emb = Embeddings(settings) if needs_text else None
     item_vectors = emb.of([data.item_text[i] for i in ids], "items") if emb else None
-    reviews = [i for i in data.interactions if i.kind == "review" and i.text]
-    review_vectors = emb.of([r.text or "" for r in reviews], "reviews") if emb and reviews else None
-    by_review = {
-        r.event_id: (r.user_id, v)
-        for r, v in zip(reviews, review_vectors if review_vectors is not None else [], strict=False)
-    }
+    by_review = embed_reviews(data, emb) if emb else {}
     textless = textless_items(data)
     for name in names:
         if name == "mostpop":
@@ -270,7 +275,10 @@ def cli_eval(args: argparse.Namespace) -> int:
             runs, popularity = run_prequential(data, models, max(ks), score_from_ts=score_from)
         vectors = None
         if any(isinstance(m, (TextKnn, Ranker)) for m in models):  # diversity needs item vectors
-            vectors = dict(zip(data.catalogue, described(data, Embeddings(settings)), strict=True))
+            emb = Embeddings(settings)
+            embedded = emb.of([data.item_text[i] for i in data.catalogue], "items")
+            described_vectors = described(data, embedded, embed_reviews(data, emb))
+            vectors = dict(zip(data.catalogue, described_vectors, strict=True))
         for store in {
             id(m.recommender.store): m.recommender.store for m in models if isinstance(m, Ranker)
         }.values():
