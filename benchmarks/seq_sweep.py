@@ -13,8 +13,11 @@ JSON line per spec: each member's best epoch and validation HR@10 / NDCG@10, and
 after each member. A spec's keys are ``SeqConfig`` fields plus ``seeds``, ``lr``, ``wd``, ``bs``,
 ``max_epochs``, ``patience``, ``ffn`` (feed-forward width as a multiple of ``dim``), ``bucket``
 (batches of users of similar history length; faster, but it cost accuracy here) and ``plateau``
-(halve the learning rate after two epochs without improvement) and ``ema`` (evaluate an
-exponential moving average of the weights, this decay per step).
+(halve the learning rate after two epochs without improvement), ``ema`` (evaluate an
+exponential moving average of the weights, this decay per step), ``smooth`` (label smoothing),
+``cl`` and ``cl_temp`` (weight and temperature of the contrastive term over dropout views),
+``cosine`` (learning rate on a half cosine that reaches 0 at this epoch) and ``mlp`` (a two-layer
+text adaptor whose hidden width is this multiple of ``dim``, in place of the linear projection).
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
     )
     ffn, bucket, plateau = spec.pop("ffn", 2), spec.pop("bucket", False), spec.pop("plateau", 0.0)
     ema = spec.pop("ema", 0.0)
+    smoothing, contrast = spec.pop("smooth", 0.0), spec.pop("cl", 0.0)
+    cl_temp, cosine, adaptor = spec.pop("cl_temp", 0.1), spec.pop("cosine", 0), spec.pop("mlp", 0)
     cfg = SeqConfig(**spec)
     text = torch.tensor(data["text"], device=dev)
     n = pad = len(text)
@@ -124,6 +129,12 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
             model.encoder = torch.nn.TransformerEncoder(
                 layer, cfg.layers, enable_nested_tensor=False
             ).to(dev)
+        if adaptor:
+            model.proj = torch.nn.Sequential(
+                torch.nn.Linear(cfg.text_dim, cfg.dim * adaptor),
+                torch.nn.GELU(),
+                torch.nn.Linear(cfg.dim * adaptor, cfg.dim),
+            ).to(dev)
         model.set_text_stats(torch.tensor(data["catalogue"], device=dev))
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
         average = copy.deepcopy(model) if ema else model
@@ -131,6 +142,9 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
         best: tuple[float, int, float, torch.Tensor | None] = (-1.0, 0, 0.0, None)
         epoch = 0
         for epoch in range(1, max_epochs + 1):
+            if cosine:
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cosine))
             perm = torch.randperm(len(xs), generator=gen).to(dev)
             if bucket:
                 perm = perm[torch.argsort(lens[perm], stable=True)]
@@ -145,7 +159,18 @@ def run(data: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:  # noqa: 
                         for kept, live in pairs:
                             kept.mul_(ema).add_(live, alpha=1.0 - ema)
 
-            train_epoch(model, opt, text, xs, ys, batches=batches, after_step=step)
+            train_epoch(
+                model,
+                opt,
+                text,
+                xs,
+                ys,
+                batches=batches,
+                after_step=step,
+                smoothing=smoothing,
+                contrast=contrast,
+                contrast_temperature=cl_temp,
+            )
             scores = scores_of(average)
             hr, nd = metric(scores)
             if nd > best[0]:

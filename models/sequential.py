@@ -212,6 +212,9 @@ def train_epoch(
     batches: Iterable[torch.Tensor],
     masked: bool = True,
     after_step: Callable[[int], None] | None = None,
+    smoothing: float = 0.0,
+    contrast: float = 0.0,
+    contrast_temperature: float = 0.1,
 ) -> float:
     """One pass over ``batches`` (row indices into the right-padded ``inputs``/``outputs``, pad =
     ``model.items``): a full softmax over the vocabulary at every real position, each position's
@@ -228,12 +231,17 @@ def train_epoch(
         width = int(lengths.max())  # the batch's longest row; the rest is padding
         x, y = inputs[batch][:, :width], outputs[batch][:, :width]
         reps = model.represent(text, all_ids, cfg.id_dropout)
-        hidden = model.hidden(torch.cat([reps, torch.zeros_like(reps[:1])])[x], lengths)
+        seq_reps = torch.cat([reps, torch.zeros_like(reps[:1])])[x]
+        hidden = model.hidden(seq_reps, lengths)
         keep = y != pad
         logits = model.scores(hidden[keep], reps, 1.0 / cfg.temperature)
         if masked:
             logits = mask_history(logits, x, keep, y[keep], pad)
-        loss = F.cross_entropy(logits, y[keep])
+        loss = _next_item_loss(logits, y[keep], smoothing)
+        if contrast > 0.0:
+            loss = loss + contrast * _dropout_contrast(
+                model, seq_reps, lengths, hidden, contrast_temperature
+            )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -243,3 +251,33 @@ def train_epoch(
         if after_step is not None:
             after_step(rows)
     return total / max(count, 1)
+
+
+def _next_item_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy of the next item; with ``smoothing`` the target keeps that share less of the
+    label, spread evenly over the items still in the softmax (masked ones stay out of it)."""
+    if smoothing <= 0.0:
+        return F.cross_entropy(logits, targets)
+    logp = F.log_softmax(logits, dim=-1)
+    nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    open_ = torch.isfinite(logits)
+    spread = -(logp.masked_fill(~open_, 0.0).sum(1) / open_.sum(1))
+    return ((1.0 - smoothing) * nll + smoothing * spread).mean()
+
+
+def _dropout_contrast(
+    model: SeqModel,
+    seq_reps: torch.Tensor,
+    lengths: torch.Tensor,
+    hidden: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Contrastive regulariser over dropout views (as in DuoRec's unsupervised augmentation): the
+    same histories run through the layers a second time, with fresh dropout; each row's last state
+    must pick its own second view out of the batch's."""
+    rows = torch.arange(len(lengths), device=seq_reps.device)
+    again = model.hidden(seq_reps, lengths)
+    a = F.normalize(hidden[rows, lengths - 1], dim=-1)
+    b = F.normalize(again[rows, lengths - 1], dim=-1)
+    logits = a @ b.T / temperature
+    return 0.5 * (F.cross_entropy(logits, rows) + F.cross_entropy(logits.T, rows))

@@ -6,8 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models.sequential import SeqConfig, SeqModel, _dropout, _groups
+from models.sequential import (
+    SeqConfig,
+    SeqModel,
+    _dropout,
+    _dropout_contrast,
+    _groups,
+    _next_item_loss,
+)
 
 
 def _model(dim: int, heads: int, dropout: float = 0.5) -> SeqModel:
@@ -97,3 +105,38 @@ def test_length_groups_cover_every_row_once() -> None:
     assert len(groups) == 5
     assert _groups([0, 0, 0]) == []
     assert _groups([0, 0, 7]) == [(2, 3, 7, 0, 7)]
+
+
+def test_label_smoothing_spreads_over_open_items_only() -> None:
+    """Without smoothing the loss is plain cross-entropy; with it, the share taken from the target
+    goes to the items still in the softmax: masked (-inf) items add nothing and the loss stays
+    finite, equal to the hand-computed mixture."""
+    logits = torch.tensor([[2.0, 0.5, float("-inf"), -1.0], [0.0, float("-inf"), 1.0, 3.0]])
+    targets = torch.tensor([0, 3])
+    assert torch.allclose(_next_item_loss(logits, targets, 0.0), F.cross_entropy(logits, targets))
+    loss = _next_item_loss(logits, targets, 0.2)
+    logp = F.log_softmax(logits, dim=-1)
+    row0 = 0.8 * -logp[0, 0] + 0.2 * -(logp[0, 0] + logp[0, 1] + logp[0, 3]) / 3
+    row1 = 0.8 * -logp[1, 3] + 0.2 * -(logp[1, 0] + logp[1, 2] + logp[1, 3]) / 3
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-6)
+
+
+def test_dropout_contrast_is_low_without_dropout_and_higher_with_it() -> None:
+    """Two dropout views of the same histories: with no dropout the views are identical, so each
+    row finds its own view far more surely than with heavy dropout."""
+    histories = torch.tensor([[0, 1, 2, 50], [3, 4, 50, 50], [5, 6, 7, 8], [9, 50, 50, 50]])
+    lengths = (histories != 50).sum(1)
+
+    def contrast(dropout: float) -> float:
+        model = _model(32, 2, dropout)
+        model.train()
+        reps = model.represent(torch.randn(50, 384), torch.arange(50))
+        padded = torch.cat([reps, torch.zeros_like(reps[:1])])
+        hidden = model.hidden(padded[histories], lengths)
+        return _dropout_contrast(model, padded[histories], lengths, hidden, 0.1).item()
+
+    torch.manual_seed(0)
+    calm, noisy = contrast(0.0), contrast(0.9)
+    assert calm < 0.05
+    assert noisy > calm + 0.1
