@@ -62,6 +62,12 @@ class EncoderSettings(BaseModel):
     batch_size: int = Field(default=64, ge=1, le=4096)
     max_length: int = Field(default=256, ge=8, le=512)
     max_wait_ms: int = Field(default=50, ge=1, le=10_000)
+    # auto: bf16 on CUDA, fp32 on the CPU; int8 = dynamic quantisation of the linear layers (CPU)
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
+    threads: int | None = Field(default=None, ge=1, le=256)  # CPU threads; None = PyTorch's
+    compile: bool = False  # torch.compile the model
+    # processes tokenising ahead of a GPU; None = all cores but two beside a GPU, none on the CPU
+    tokeniser_workers: int | None = Field(default=None, ge=0, le=64)
 
 
 class RankingSettings(BaseModel):

@@ -29,10 +29,7 @@ class Services:
 
     @cached_property
     def _encoder(self) -> TextEncoder:
-        enc = self.settings.encoder
-        return TextEncoder(
-            enc.model, device=enc.device, max_length=enc.max_length, batch_size=enc.batch_size
-        )
+        return TextEncoder.from_settings(self.settings.encoder)
 
     def encoder(self) -> TextEncoder:
         return self._encoder

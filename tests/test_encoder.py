@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from models.encoder import EncoderLoadError, TextEncoder, resolve_device
+from models.encoder import (
+    EncodeError,
+    EncoderLoadError,
+    TextEncoder,
+    cpu_has_bf16,
+    resolve_device,
+    resolve_precision,
+)
+from models.tokenise import TokeniserSpec, joined
 
 REFERENCE = Path(__file__).parent / "fixtures" / "minilm_reference.json"
 DIM = 384
@@ -18,7 +26,7 @@ DIM = 384
 @pytest.fixture(scope="module")
 def encoder() -> TextEncoder:
     """The packaged model loaded once for the module, on the CPU (fp32, as the reference)."""
-    return TextEncoder(device="cpu")
+    return TextEncoder(device="cpu", precision="fp32")
 
 
 def test_embeddings_match_sentence_transformers_reference(encoder: TextEncoder) -> None:
@@ -126,3 +134,107 @@ def test_unreadable_model_config_raises_a_load_error(tmp_path: Path) -> None:
     with pytest.raises(EncoderLoadError, match="cannot load the model at") as caught:
         TextEncoder(model_dir=tmp_path)
     assert str(tmp_path) in str(caught.value)
+
+
+TEXTS = [
+    "A starship crew awakens from cryosleep light-years from Earth.",
+    "Freshly ground arabica beans make a smooth espresso.",
+    "a short one",
+    "A long review of a kettle that boils quickly and pours well. " * 12,
+    "Digital multimeter with auto-ranging and a backlit display.",
+]
+
+
+def test_bf16_vectors_stay_within_cosine_0_999_of_fp32(encoder: TextEncoder) -> None:
+    """The CPU's bf16 path (the default where the CPU multiplies bf16 natively) gives every text
+    a vector whose cosine to the fp32 vector is at least 0.999, and names its precision."""
+    half = TextEncoder(device="cpu", precision="bf16")
+    cosine = np.sum(half.encode(TEXTS) * encoder.encode(TEXTS), axis=1)
+    assert half.version.endswith("+bf16")
+    assert float(cosine.min()) > 0.999
+
+
+def test_int8_quantisation_is_named_and_close_but_not_exact(encoder: TextEncoder) -> None:
+    """Dynamic int8 quantisation runs on the CPU, is named in the version (so caches never mix
+    it with fp32), and its vectors stay near the fp32 ones without equalling them."""
+    quantised = TextEncoder(device="cpu", precision="int8")
+    got, exact = quantised.encode(TEXTS), encoder.encode(TEXTS)
+    cosine = np.sum(got * exact, axis=1)
+    assert quantised.version.endswith("+int8")
+    assert float(cosine.min()) > 0.9
+    assert float(np.abs(got - exact).max()) > 1e-3
+
+
+def test_precision_falls_back_instead_of_failing() -> None:
+    """auto is bf16 on CUDA; int8 asked for on CUDA falls back to bf16 with a warning; explicit
+    CPU precisions are kept."""
+    assert resolve_precision("auto", "cuda") == "bf16"
+    with capture_logs() as logs:
+        assert resolve_precision("int8", "cuda") == "bf16"
+    assert logs[0]["event"] == "precision_unavailable"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("int8", "cpu") == "int8"
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_every_vector(
+    encoder: TextEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward pass that runs out of memory for more than two rows is split in halves until
+    it fits; the vectors equal the unsplit ones and each split is logged."""
+    import torch
+
+    whole = encoder.encode(TEXTS)
+    model = encoder.model
+
+    def small_memory(**inputs: torch.Tensor) -> object:
+        if len(inputs["input_ids"]) > 2:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return model(**inputs)
+
+    monkeypatch.setattr(encoder, "_forward", small_memory)
+    with capture_logs() as logs:
+        split = encoder.encode(TEXTS)
+    splits = [entry["rows"] for entry in logs if entry["event"] == "encode_out_of_memory"]
+    assert splits == [5, 3]
+    assert float(np.abs(split - whole).max()) < 1e-5
+
+
+def test_a_text_that_never_fits_raises_encode_error(
+    encoder: TextEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When even one text runs out of memory the encoder raises EncodeError (a RuntimeError, so
+    the encode step dead-letters that text alone) rather than looping or crashing."""
+    import torch
+
+    def no_memory(**_: torch.Tensor) -> object:
+        raise torch.OutOfMemoryError("out of memory (test)")
+
+    monkeypatch.setattr(encoder, "_forward", no_memory)
+    with pytest.raises(EncodeError, match="does not fit"):
+        encoder.encode(["one text"])
+
+
+def test_tokeniser_processes_give_the_vectors_of_in_process_tokenising(
+    encoder: TextEncoder,
+) -> None:
+    """Batches tokenised in worker processes (the GPU path's pool, here forced on the CPU), in
+    chunks joined back to one padded batch, give the same vectors in the same order."""
+    texts = [f"item {n}: " + "stars and ships " * (n % 23) for n in range(150)]
+    pooled = TextEncoder(device="cpu", precision="fp32", batch_size=100, tokeniser_workers=2)
+    try:
+        got = pooled.encode(texts)
+        assert pooled._tokeniser_pool is not None
+    finally:
+        pooled.close()
+    assert float(np.abs(got - encoder.encode(texts)).max()) < 1e-5
+
+
+def test_joined_chunks_pad_to_the_widest() -> None:
+    """Chunks of different widths stack into one batch padded with the pad id, mask 0."""
+    spec = TokeniserSpec("{}", 16, pad_id=0, pad_token="[PAD]", pad_type_id=0, with_types=True)
+    one = {k: np.ones((2, 3), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    two = {k: np.full((1, 5), 2, np.int64) for k in one}
+    both = joined([one, two], spec)
+    assert both["input_ids"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [2, 2, 2, 2, 2]]
+    assert both["attention_mask"][:2, 3:].sum() == 0

@@ -58,10 +58,7 @@ class Embeddings:
 
     def encoder(self) -> TextEncoder:
         if self._encoder is None:
-            enc = self.settings.encoder
-            self._encoder = TextEncoder(
-                enc.model, device=enc.device, max_length=enc.max_length, batch_size=enc.batch_size
-            )
+            self._encoder = TextEncoder.from_settings(self.settings.encoder)
         return self._encoder
 
     def of(self, texts: Sequence[str], label: str) -> np.ndarray:
