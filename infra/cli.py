@@ -52,6 +52,17 @@ def _speed(value: str) -> float | None:
     return speed
 
 
+def _whole(value: str) -> int:
+    """A whole number of 1 or more, for argparse."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
+    return number
+
+
 def _positive(value: str) -> float:
     try:
         number = float(value)
@@ -186,6 +197,13 @@ def _add_data_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     train.add_argument("--max-epochs", type=int, default=40, help="sequential model epochs at most")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(run=_handler("models.training:cli_train"))
+
+    reenc = sub.add_parser(
+        "reencode", help="encode again every stored vector that is not from the current encoder"
+    )
+    reenc.add_argument("log", type=Path, help="the Parquet event log the catalogue came from")
+    reenc.add_argument("--batch-size", type=_whole, default=256, help="texts per batch")
+    reenc.set_defaults(run=_handler("streams.reencode:cli_reencode"))
 
     online = sub.add_parser("eval-online", help="live HR@K from the recommendation topic")
     online.add_argument("--k", type=int, default=10)

@@ -65,9 +65,11 @@ class ProfileBook:
 
 
 def profile_point(point: VectorPoint, profile: np.ndarray, reviews: int) -> VectorPoint:
-    """The stored item ``point`` with its vector replaced by ``profile`` of ``reviews`` reviews."""
+    """The stored item ``point`` with its vector replaced by ``profile`` of ``reviews`` reviews.
+    Its text hash is cleared: the vector no longer encodes the item's text, so the next request
+    for that text is encoded, not skipped."""
     payload = {k: v for k, v in point.payload.items() if k != "key"}
-    return VectorPoint(point.key, profile, {**payload, "reviews": reviews})
+    return VectorPoint(point.key, profile, {**payload, "reviews": reviews, "text_hash": ""})
 
 
 def refresh_profiles(

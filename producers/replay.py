@@ -116,7 +116,7 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _input_events(frame: pl.DataFrame, report: ReplayReport) -> Iterator[Event]:
+def input_events(frame: pl.DataFrame, report: ReplayReport) -> Iterator[Event]:
     """The log's input events in order; other rows counted as skipped, broken ones as invalid."""
     for row in iter_rows(frame):
         if row["type"] not in INPUT_TYPES:
@@ -165,7 +165,7 @@ def replay(
     ts_first: int | None = None
     ts_last: int | None = None
     try:
-        for event in _input_events(frame, report):
+        for event in input_events(frame, report):
             if ts_first is None:
                 ts_first = event.ts
                 if speed is not None:

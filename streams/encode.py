@@ -9,6 +9,7 @@ encoded off the event loop. A text the encoder rejects alone is dead-lettered; t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any
@@ -39,7 +40,17 @@ def coalesce(requests: Sequence[EncodeRequest]) -> list[EncodeRequest]:
     return list(latest.values())
 
 
-def item_point(req: EncodeRequest, vector: np.ndarray) -> VectorPoint:
+def text_hash(version: str, text: str) -> str:
+    """The content hash stored with each vector: the encoder's version and the text, so a text
+    is encoded again only when it or the model changed."""
+    return hashlib.sha256(f"{version}\0{text}".encode()).hexdigest()[:16]
+
+
+def point_key(req: EncodeRequest) -> str:
+    return review_key(req.event_id) if req.kind == "review" else req.item_id
+
+
+def item_point(req: EncodeRequest, vector: np.ndarray | None, digest: str = "") -> VectorPoint:
     payload = {
         "title": req.title,
         "categories": req.categories,
@@ -47,13 +58,42 @@ def item_point(req: EncodeRequest, vector: np.ndarray) -> VectorPoint:
         "updated_ts": req.ts,
         "text_source": text_source(req.text, req.item_id),
         "reviews": 0,
+        "text_hash": digest,
     }
     return VectorPoint(req.item_id, vector, payload)
 
 
-def review_point(req: EncodeRequest, vector: np.ndarray) -> VectorPoint:
-    payload = {"user_id": req.user_id, "item_id": req.item_id, "rating": req.rating, "ts": req.ts}
+def review_point(req: EncodeRequest, vector: np.ndarray, digest: str = "") -> VectorPoint:
+    payload = {
+        "user_id": req.user_id,
+        "item_id": req.item_id,
+        "rating": req.rating,
+        "ts": req.ts,
+        "text_hash": digest,
+    }
     return VectorPoint(review_key(req.event_id), vector, payload)
+
+
+def restamped(req: EncodeRequest, stored: VectorPoint) -> VectorPoint:
+    """An unchanged item's stored vector (its text's, or its review profile) with the request's
+    payload."""
+    fresh = item_point(req, stored.vector)
+    keep = {k: stored.payload[k] for k in ("text_source", "reviews", "text_hash")}
+    return VectorPoint(req.item_id, stored.vector, {**fresh.payload, **keep})
+
+
+def unchanged(
+    store: VectorStore, collection: str, reqs: Sequence[EncodeRequest], digests: Sequence[str]
+) -> dict[str, VectorPoint]:
+    """The stored points, by key, whose text hash equals the request's: their vectors stand."""
+    if not reqs:
+        return {}
+    stored = store.retrieve(collection, [point_key(r) for r in reqs])
+    return {
+        key: point
+        for key, digest in zip((point_key(r) for r in reqs), digests, strict=True)
+        if (point := stored.get(key)) is not None and point.payload.get("text_hash") == digest
+    }
 
 
 class EncodeStep:
@@ -103,34 +143,73 @@ class EncodeStep:
         vectors = np.stack(rows) if rows else np.zeros((0, self.encoder.dim), np.float32)
         return [reqs[i] for i in ok], vectors
 
-    async def run(self, batch: list[tuple[EncodeRequest, Any]]) -> None:
+    async def run(
+        self, batch: list[tuple[EncodeRequest, Any]], *, announce: bool = True
+    ) -> dict[str, int]:
+        """Store the batch's vectors. A text whose hash (text and encoder version) matches the
+        stored point's is not encoded again: an item keeps its vector (or review profile) and
+        takes the request's payload, a redelivered review stays as stored. ``announce`` sends
+        each review's ``review_embedded`` update (a catalogue re-encode does not). Returns the
+        counts of requests, texts encoded, failed (dead-lettered), unchanged and items removed."""
         by_id = {id(req): msg for req, msg in batch}
         reqs = coalesce([req for req, _ in batch])
         removed = [r.item_id for r in reqs if r.kind == "item_removed"]
-        to_encode = [r for r in reqs if r.kind != "item_removed"]
-        if to_encode:
-            done, vectors = await self.encode_each(to_encode, [by_id[id(r)] for r in to_encode])
-            items = [
-                item_point(r, v) for r, v in zip(done, vectors, strict=True) if r.kind == "item"
-            ]
-            reviews = [
-                review_point(r, v) for r, v in zip(done, vectors, strict=True) if r.kind == "review"
-            ]
-            if items:
-                self.store.upsert(self.items, items)
-            if reviews:
-                self.store.upsert(self.reviews, reviews)
-            described = [p.key for p in items if p.payload["text_source"] == REVIEWS]
-            described += [str(p.payload["item_id"]) for p in reviews]
-            if described:
-                refresh_profiles(self.store, self.items, self.reviews, described)
-            for r in (r for r in done if r.kind == "review"):
-                self._announce_review(r)
+        wanted = [r for r in reqs if r.kind != "item_removed"]
+        digests = {id(r): text_hash(self.encoder.version, r.text) for r in wanted}
+        kept_items = self._unchanged(self.items, [r for r in wanted if r.kind == "item"], digests)
+        kept_reviews = self._unchanged(
+            self.reviews, [r for r in wanted if r.kind == "review"], digests
+        )
+        to_encode = [
+            r
+            for r in wanted
+            if point_key(r) not in (kept_items if r.kind == "item" else kept_reviews)
+        ]
+        done, vectors = await self.encode_each(to_encode, [by_id[id(r)] for r in to_encode])
+        items = [
+            item_point(r, v, digests[id(r)])
+            for r, v in zip(done, vectors, strict=True)
+            if r.kind == "item"
+        ]
+        items += [
+            restamped(r, kept_items[r.item_id])
+            for r in wanted
+            if r.kind == "item" and r.item_id in kept_items
+        ]
+        reviews = [
+            review_point(r, v, digests[id(r)])
+            for r, v in zip(done, vectors, strict=True)
+            if r.kind == "review"
+        ]
+        if items:
+            self.store.upsert(self.items, items)
+        if reviews:
+            self.store.upsert(self.reviews, reviews)
+        described = [p.key for p in items if p.payload["text_source"] == REVIEWS]
+        described += [str(p.payload["item_id"]) for p in reviews]
+        if described:
+            refresh_profiles(self.store, self.items, self.reviews, described)
+        if announce:  # a redelivered review is announced again: the first may have been lost
+            stored = {point_key(r) for r in done} | set(kept_reviews)
+            for r in wanted:
+                if r.kind == "review" and point_key(r) in stored:
+                    self._announce_review(r)
         if removed:
             self.store.delete(self.items, removed)
-        log.debug(
-            "encoded", step=STEP, requests=len(batch), encoded=len(to_encode), removed=len(removed)
-        )
+        summary = {
+            "requests": len(batch),
+            "encoded": len(done),
+            "failed": len(to_encode) - len(done),
+            "unchanged": len(kept_items) + len(kept_reviews),
+            "removed": len(removed),
+        }
+        log.debug("encoded", step=STEP, **summary)
+        return summary
+
+    def _unchanged(
+        self, collection: str, reqs: list[EncodeRequest], digests: dict[int, str]
+    ) -> dict[str, VectorPoint]:
+        return unchanged(self.store, collection, reqs, [digests[id(r)] for r in reqs])
 
     def _announce_review(self, req: EncodeRequest) -> None:
         update = UserUpdate(

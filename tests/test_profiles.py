@@ -349,3 +349,59 @@ def test_eval_ranker_stores_the_profile_of_the_reviews_it_observes(tmp_path: Pat
     assert (got["t"].payload["reviews"], got["t"].payload["text_source"]) == (2, REVIEWS)
     np.testing.assert_allclose(got["c"].vector, _unit([0, 0, 0, 1]), atol=1e-6)
     store.close()
+
+
+class _Counting:
+    """The real encoder, counting the texts it is asked to encode."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        self.inner, self.texts = encoder, []
+        self.dim, self.version = encoder.dim, encoder.version
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.texts.extend(texts)
+        return self.inner.encode(texts)
+
+
+def test_unchanged_text_is_not_encoded_again_but_its_payload_is_updated(
+    store: EdgeVectorStore, encoder: TextEncoder
+) -> None:
+    """An item sent again with the same text keeps its vector without encoding (its new title
+    is stored), a changed text is encoded, a redelivered review is not encoded again but is
+    announced again, and a new encoder version re-encodes everything."""
+    counting = _Counting(encoder)
+    updates = _Topic()
+    step = _encode_step(store, counting, {USER_UPDATES.name: updates})  # type: ignore[arg-type]
+    first = [
+        _request("e1", "item", "i1", "Nylon strings for classical guitar"),
+        _request("e2", "review", "i1", REVIEW_A, "u1"),
+    ]
+    asyncio.run(step.run(first))
+    assert len(counting.texts) == 2
+    vector = store.retrieve("items", ["i1"])["i1"].vector
+    retitled = EncodeRequest.model_validate({**first[0][0].model_dump(), "title": "New title"})
+    asyncio.run(step.run([(retitled, None), first[1]]))
+    assert len(counting.texts) == 2  # nothing encoded
+    stored = store.retrieve("items", ["i1"])["i1"]
+    assert stored.payload["title"] == "New title"
+    np.testing.assert_array_equal(stored.vector, vector)
+    assert len(updates.sent) == 2  # the review announced on both deliveries
+    asyncio.run(step.run([_request("e3", "item", "i1", "Steel strings for electric guitar")]))
+    assert counting.texts[2:] == ["Steel strings for electric guitar"]
+    counting.version = "another-model@00000000"
+    asyncio.run(step.run(first))
+    assert counting.texts[3:] == ["Nylon strings for classical guitar", REVIEW_A]
+
+
+def test_a_profiled_item_is_encoded_again_when_its_text_comes_back(
+    store: EdgeVectorStore, encoder: TextEncoder
+) -> None:
+    """An item described by reviews holds a profile, not its text's vector, so the same text
+    sent again (as forget does for an item left without reviews) is encoded, not skipped."""
+    counting = _Counting(encoder)
+    step = _encode_step(store, counting, {USER_UPDATES.name: _Topic()})  # type: ignore[arg-type]
+    asyncio.run(step.run([_request("e1", "item", "B000ASIN01", "B000ASIN01")]))
+    asyncio.run(step.run([_request("e2", "review", "B000ASIN01", REVIEW_A, "u1")]))
+    assert store.retrieve("items", ["B000ASIN01"])["B000ASIN01"].payload["text_hash"] == ""
+    asyncio.run(step.run([_request("e3", "item", "B000ASIN01", "B000ASIN01")]))
+    assert counting.texts.count("B000ASIN01") == 2
