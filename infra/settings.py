@@ -103,6 +103,9 @@ class StreamSettings(BaseModel):
     app_id: str = "recstream"
     batch_size: int = Field(default=500, ge=1, le=100_000)
     batch_wait_ms: int = Field(default=20, ge=1, le=10_000)
+    # Messages buffered per partition before Faust pauses fetching it: with agents that await
+    # each batch, the bound on what a slow step (the encoder) lets pile up in memory.
+    buffer_maxsize: int = Field(default=4096, ge=1, le=1_000_000)
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_host: str = "127.0.0.1"
 

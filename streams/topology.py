@@ -71,6 +71,7 @@ def create_app(settings: Settings, role: Role) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         stream_wait_empty=False,
+        stream_buffer_maxsize=stream.buffer_maxsize,
         web_enabled=stream.web_port > 0,
         web_port=stream.web_port or 6066,
         web_bind=stream.web_host,

@@ -405,3 +405,47 @@ def test_a_profiled_item_is_encoded_again_when_its_text_comes_back(
     assert store.retrieve("items", ["B000ASIN01"])["B000ASIN01"].payload["text_hash"] == ""
     asyncio.run(step.run([_request("e3", "item", "B000ASIN01", "B000ASIN01")]))
     assert counting.texts.count("B000ASIN01") == 2
+
+
+def test_the_encode_agent_takes_no_new_batch_while_one_is_encoding(
+    store: EdgeVectorStore, encoder: TextEncoder
+) -> None:
+    """Back-pressure: while the encode step works on a batch the agent pulls nothing more from
+    the stream, so a slow encoder leaves messages in Faust's bounded buffer (which then pauses
+    fetching) instead of growing memory; once the batch is done the next one is taken."""
+    from types import SimpleNamespace
+
+    from streams.encode import encode_text
+
+    step = _encode_step(store, encoder, {USER_UPDATES.name: _Topic()})
+    release, pulled, running = asyncio.Event(), [], []
+    real_run = step.run
+
+    async def slow_run(batch, **kwargs):  # type: ignore[no-untyped-def]
+        running.append(len(batch))
+        await release.wait()
+        return await real_run(batch, **kwargs)
+
+    step.run = slow_run  # type: ignore[method-assign]
+
+    def message(n: int) -> SimpleNamespace:
+        req, _ = _request(f"e{n}", "item", f"i{n}", f"item number {n}")
+        return SimpleNamespace(message=SimpleNamespace(value=req.model_dump_json().encode()))
+
+    class Stream:
+        async def take_events(self, size: int, within: float):  # type: ignore[no-untyped-def]
+            for start in (0, 2, 4):
+                pulled.append(start)
+                yield [message(start + n) for n in range(size)]
+
+    async def scenario() -> None:
+        agent = asyncio.create_task(encode_text(Stream(), step=step, batch_size=2, batch_wait_s=0))
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert (pulled, running) == ([0], [2])
+        release.set()
+        await agent
+
+    asyncio.run(scenario())
+    assert pulled == [0, 2, 4]
+    assert store.count("items") == 6
