@@ -215,10 +215,11 @@ class TextEncoder:
         self, texts: Sequence[str], batches: list[list[int]]
     ) -> Iterator[tuple[list[int], dict[str, Any]]]:
         """Each batch's rows and its tokens. With a tokeniser pool (beside a GPU) the batches are
-        tokenised ahead in worker processes, in chunks, at most four chunks per worker in flight,
-        so memory stays bounded; otherwise (on the CPU, or for one batch) here, one at a time."""
+        tokenised ahead in worker processes, in chunks (so even one large batch, as the stream's
+        agent hands over, spreads over every process), at most four chunks per worker in flight,
+        so memory stays bounded; otherwise (on the CPU, or for a single chunk) here."""
         pool = self._pool()
-        if pool is None or len(batches) == 1:
+        if pool is None or len(texts) <= pool.CHUNK:
             for rows in batches:
                 yield rows, self._tokenise([texts[i] for i in rows])
             return

@@ -102,3 +102,5 @@ class Services:
     def close(self) -> None:
         if "_store" in self.__dict__:
             self._store.close()
+        if "_encoder" in self.__dict__:
+            self._encoder.close()  # its tokeniser processes, if it started any

@@ -218,10 +218,11 @@ def test_a_text_that_never_fits_raises_encode_error(
 def test_tokeniser_processes_give_the_vectors_of_in_process_tokenising(
     encoder: TextEncoder,
 ) -> None:
-    """Batches tokenised in worker processes (the GPU path's pool, here forced on the CPU), in
-    chunks joined back to one padded batch, give the same vectors in the same order."""
+    """One batch of 150 texts tokenised in worker processes (the GPU path's pool, here forced on
+    the CPU) as three chunks joined back into one padded batch gives the same vectors in the same
+    order as tokenising it here."""
     texts = [f"item {n}: " + "stars and ships " * (n % 23) for n in range(150)]
-    pooled = TextEncoder(device="cpu", precision="fp32", batch_size=100, tokeniser_workers=2)
+    pooled = TextEncoder(device="cpu", precision="fp32", batch_size=200, tokeniser_workers=2)
     try:
         got = pooled.encode(texts)
         assert pooled._tokeniser_pool is not None
