@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo up test test-fast lint check bench clean
+.PHONY: install demo up test test-fast lint check bench bench-e2e clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ check: lint test
 bench: $(STAMP)  ## event-to-recommendation latency on the embedded stack
 	mkdir -p bench-out
 	$(BIN)/python benchmarks/latency.py --json bench-out/latency.json
+
+bench-e2e: $(STAMP)  ## throughput and latency under load, beside Faust's no-op ceiling and a raw loop
+	mkdir -p bench-out
+	$(BIN)/python benchmarks/e2e.py --rate 500 --duration 60 --json bench-out/e2e-500.json
+	$(BIN)/python benchmarks/e2e.py --max --events 20000 --json bench-out/e2e-max.json
 
 clean:
 	rm -rf $(VENV) .data bench-out .pytest_cache .mypy_cache .ruff_cache

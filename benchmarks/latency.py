@@ -22,12 +22,14 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -371,11 +373,12 @@ def measure_pipeline(
         collector.halt()
 
 
-def run(args: argparse.Namespace) -> tuple[Phase, Phase, Settings]:
-    """The whole benchmark on a fresh broker and worker, both stopped by pid at the end."""
-    tag = uuid.uuid4().hex[:8]
+@contextmanager
+def embedded_stack(prefix: str, *scratch: TopicSpec) -> Iterator[tuple[Path, Settings]]:
+    """A temporary directory and a fresh embedded broker holding recstream's topics and the
+    ``scratch`` ones; the broker is stopped by pid at the end."""
     with (
-        tempfile.TemporaryDirectory(prefix="recstream-bench-") as tmp,
+        tempfile.TemporaryDirectory(prefix=prefix) as tmp,
         EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker,
     ):
         settings = load_settings(
@@ -383,34 +386,51 @@ def run(args: argparse.Namespace) -> tuple[Phase, Phase, Settings]:
         )
         settings.data_dir.mkdir(parents=True)
         provision_topics(settings.kafka)
-        provision_topics(settings.kafka, [FLOOR_TOPIC])
-        log_path = Path(tmp) / "worker.log"
-        serving = (
-            {"RECSTREAM_SERVING__MODEL_DIR": str(args.model_dir.resolve())}
-            if args.model_dir
-            else {}
-        )
-        worker = spawn_worker(
-            settings, log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu", **serving
-        )
+        provision_topics(settings.kafka, list(scratch))
+        yield Path(tmp), settings
 
-        def alive() -> None:
-            if worker.poll() is not None:
-                raise BenchError(f"the worker exited with code {worker.returncode}")
 
-        try:
-            with BehaviorProducer(settings, source="benchmark") as producer:
-                for item in catalog():
-                    producer.send_dict(item)
-            wait_embedded(settings, len(catalog()), alive)
-            floor = measure_floor(settings, args, tag)
-            pipeline = measure_pipeline(settings, args, tag, alive)
-        except BenchError:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            print(f"worker log (tail):\n{tail}", file=sys.stderr)
-            raise
-        finally:
-            stop_process(worker)
+@contextmanager
+def running_worker(
+    settings: Settings, workdir: Path, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], Callable[[], None]]]:
+    """A worker (role all, on the CPU) and a check that raises :class:`BenchError` once it has
+    exited; on a BenchError the worker's log tail is printed. Stopped by pid at the end."""
+    log_path = workdir / "worker.log"
+    worker = spawn_worker(
+        settings, log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu", **env
+    )
+
+    def alive() -> None:
+        if worker.poll() is not None:
+            raise BenchError(f"the worker exited with code {worker.returncode}")
+
+    try:
+        yield worker, alive
+    except BenchError:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        print(f"worker log (tail):\n{tail}", file=sys.stderr)
+        raise
+    finally:
+        stop_process(worker)
+
+
+def run(args: argparse.Namespace) -> tuple[Phase, Phase, Settings]:
+    """The whole benchmark on a fresh broker and worker, both stopped by pid at the end."""
+    tag = uuid.uuid4().hex[:8]
+    serving = (
+        {"RECSTREAM_SERVING__MODEL_DIR": str(args.model_dir.resolve())} if args.model_dir else {}
+    )
+    with (
+        embedded_stack("recstream-bench-", FLOOR_TOPIC) as (tmp, settings),
+        running_worker(settings, tmp, **serving) as (_, alive),
+    ):
+        with BehaviorProducer(settings, source="benchmark") as producer:
+            for item in catalog():
+                producer.send_dict(item)
+        wait_embedded(settings, len(catalog()), alive)
+        floor = measure_floor(settings, args, tag)
+        pipeline = measure_pipeline(settings, args, tag, alive)
     return pipeline, floor, settings
 
 
@@ -555,11 +575,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     result = report(args, pipeline, floor, settings)
-    print(table(result))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    emit(table(result), result, args.json)
     return 0
+
+
+def emit(text: str, result: dict, path: Path | None) -> None:
+    """Print the table; write the figures to ``path`` as JSON when one is given."""
+    print(text)
+    if path is not None:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,480 @@
+"""The whole stream path under load, beside Faust's no-op ceiling and a raw Kafka loop, one run.
+
+    python benchmarks/e2e.py --rate 500 --duration 60 --json OUT.json   # fixed rate, open loop
+    python benchmarks/e2e.py --max --events 20000 --json OUT.json       # sustained throughput
+
+On a fresh embedded broker it first measures the two comparisons, each on its own scratch topic
+already holding ``--ceiling-events`` small JSON events:
+
+- **raw loop**: one confluent-kafka consumer and producer in this process (consume, parse, update
+  a dict, produce one output per event), the transport's limit;
+- **Faust no-op**: a Faust worker (recstream's app class and client settings) whose one agent
+  only counts (``benchmarks/faust_noop.py``), Faust's own ceiling.
+
+Then it starts a recstream worker (role ``all``, MiniLM on the CPU), publishes a synthetic
+catalogue of ``--items`` items with text and waits until every item is embedded, and plays
+behaviour events of ``--users`` users:
+
+- at ``--rate`` events/s for ``--duration`` s, open loop: event i is due at t0 + i/rate and its
+  latency runs from that due time to its recommendation, so a stall cannot hide;
+- with ``--max``, ``--events`` events published at once; the throughput is events over the time
+  until the worker has committed all of them on both of its hops.
+
+An event with no recommendation of its own counts as coalesced when a later event of the same user
+got one (lists are debounced per user), and as lost otherwise. It also reports dead letters and
+the worker's CPU share and resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from latency import (
+    STRAGGLER_S,
+    BenchError,
+    Collector,
+    Planned,
+    _recommendation,
+    await_arrivals,
+    embedded_stack,
+    emit,
+    open_loop,
+    percentiles,
+    phase_result,
+    running_worker,
+    wait_embedded,
+)
+
+from infra.broker import BrokerStartError
+from infra.kafka import consumer_config, group_progress, producer_config
+from infra.logs import configure_logging
+from infra.settings import Settings
+from producers.producer import BehaviorProducer
+from schemas.topics import BEHAVIOR, DEAD_LETTER, RECOMMENDATIONS, USER_UPDATES, TopicSpec
+from streams.spawn import stop_process
+
+KINDS = ("view", "view", "click", "click", "add_to_cart", "purchase")
+TOPICS = (
+    "astronomy",
+    "baking",
+    "camping",
+    "chess",
+    "cycling",
+    "gardening",
+    "guitar",
+    "jazz",
+    "knitting",
+    "photography",
+    "poetry",
+    "robotics",
+    "running",
+    "sailing",
+    "science fiction",
+    "skiing",
+    "tea",
+    "woodworking",
+    "yoga",
+    "zoology",
+)
+WORDS = (
+    "classic",
+    "compact",
+    "durable",
+    "elegant",
+    "gentle",
+    "handmade",
+    "light",
+    "modern",
+    "portable",
+    "quiet",
+    "robust",
+    "simple",
+    "sturdy",
+    "vintage",
+    "warm",
+    "bright",
+    "colourful",
+    "deluxe",
+    "everyday",
+    "practical",
+    "beginner",
+    "expert",
+    "travel",
+    "home",
+    "outdoor",
+    "indoor",
+    "gift",
+    "set",
+    "kit",
+    "guide",
+    "book",
+    "tool",
+    "pack",
+    "collection",
+    "edition",
+    "series",
+)
+CEILING_TIMEOUT_S = 300.0
+
+
+def scratch(name: str) -> TopicSpec:
+    """A topic of this run's memory-only broker, not one recstream reads or writes."""
+    return TopicSpec(f"bench.e2e-{name}.v1", "key", "delete", True, f"e2e benchmark: {name}")
+
+
+# -- the comparisons ---------------------------------------------------------------------------
+
+
+def fill(settings: Settings, topic: str, count: int) -> None:
+    """``count`` small behaviour-like JSON events on ``topic``, keyed by user."""
+    producer = Producer(producer_config(settings.kafka, **{"linger.ms": 20}))
+    for i in range(count):
+        body = {"type": "click", "user_id": f"u{i % 1000}", "item_id": f"i{i % 10000}", "n": i}
+        producer.produce(topic, key=body["user_id"].encode(), value=json.dumps(body).encode())
+        if i % 10_000 == 0:
+            producer.poll(0)
+    if producer.flush(60):
+        raise BenchError(f"could not fill {topic}")
+
+
+def raw_loop(settings: Settings, source: str, sink: str, count: int) -> float:
+    """Events/s of consume -> parse -> dict update -> produce, timed from the first message."""
+    consumer = Consumer(
+        consumer_config(
+            settings.kafka,
+            f"bench-raw-{uuid.uuid4().hex[:6]}",
+            **{"enable.auto.commit": False, "auto.offset.reset": "earliest"},
+        )
+    )
+    parts = consumer.list_topics(source, timeout=10).topics[source].partitions
+    consumer.assign([TopicPartition(source, p, 0) for p in parts])
+    producer = Producer(producer_config(settings.kafka, **{"linger.ms": 5}))
+    state: dict[str, int] = {}
+    seen, first = 0, 0.0
+    deadline = time.monotonic() + CEILING_TIMEOUT_S
+    try:
+        while seen < count and time.monotonic() < deadline:
+            batch = consumer.consume(1000, 0.1)
+            if batch and not seen:
+                first = time.monotonic()
+            for message in batch:
+                if message.error():
+                    continue
+                body = json.loads(message.value())
+                state[body["user_id"]] = state.get(body["user_id"], 0) + 1
+                producer.produce(sink, key=message.key(), value=message.value())
+                seen += 1
+            producer.poll(0)
+        producer.flush(30)
+        elapsed = time.monotonic() - first
+    finally:
+        consumer.close()
+    if seen < count:
+        raise BenchError(f"the raw loop read {seen} of {count} events")
+    return seen / elapsed
+
+
+def faust_noop(settings: Settings, topic: str, count: int, workdir: Path) -> float:
+    """Events/s of a Faust agent that only counts, in its own process."""
+    out = workdir / "noop.json"
+    log = workdir / "noop.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("faust_noop.py")),
+                "--bootstrap",
+                settings.kafka.bootstrap_servers,
+                "--topic",
+                topic,
+                "--expect",
+                str(count),
+                "--partitions",
+                str(settings.kafka.partitions),
+                "--out",
+                str(out),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + CEILING_TIMEOUT_S
+        while not out.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise BenchError(f"the Faust no-op worker did not finish:\n{tail}")
+            time.sleep(0.2)
+        time.sleep(0.1)
+        result = json.loads(out.read_text())
+    finally:
+        stop_process(proc)
+    return result["events"] / result["seconds"]
+
+
+# -- the catalogue and the load ----------------------------------------------------------------
+
+
+def catalogue(count: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Synthetic items: a topic each, a title and a 25-word description about it."""
+    items = []
+    for n in range(count):
+        topic = TOPICS[n % len(TOPICS)]
+        words = [rng.choice(WORDS) for _ in range(22)]
+        title = f"{rng.choice(WORDS).title()} {topic} {rng.choice(WORDS)} {n}"
+        items.append(
+            {
+                "type": "item",
+                "item_id": f"item-{n:06d}",
+                "title": title,
+                "categories": [topic],
+                "description": f"A {topic} {' '.join(words)} for {topic} lovers.",
+            }
+        )
+    return items
+
+
+def load(rng: random.Random, prefix: str, count: int, users: int, items: int) -> list[Planned]:
+    """Behaviour events; each user keeps to two favourite topics (items are dealt by topic)."""
+    topics = len(TOPICS)
+    favourite = {u: (rng.randrange(topics), rng.randrange(topics)) for u in range(users)}
+    out = []
+    for i in range(count):
+        user = rng.randrange(users)
+        topic = rng.choice(favourite[user])
+        item = topic + topics * rng.randrange(max(items // topics, 1))
+        out.append(
+            Planned(f"{prefix}-{i:07d}", f"user-{user:05d}", f"item-{item:06d}", rng.choice(KINDS))
+        )
+    return out
+
+
+@dataclass
+class Usage:
+    """CPU seconds and resident memory of a process, from /proc."""
+
+    cpu_s: float
+    rss_mib: float
+    peak_rss_mib: float
+
+    @classmethod
+    def of(cls, pid: int) -> Usage:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = (int(stat[11]) + int(stat[12])) / ticks
+        fields = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if ":" in line
+        )
+        kib = {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
+        return cls(cpu, kib["VmRSS"] / 1024, kib["VmHWM"] / 1024)
+
+
+def committed(settings: Settings, topic: str) -> int:
+    try:
+        return group_progress(settings.kafka, settings.stream.app_id, topic)[0]
+    except Exception:  # noqa: BLE001 - the group may not have committed yet
+        return 0
+
+
+def end_offsets(settings: Settings, topic: str) -> int:
+    consumer = Consumer(consumer_config(settings.kafka, f"bench-probe-{uuid.uuid4().hex[:6]}"))
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts
+        )
+    finally:
+        consumer.close()
+
+
+def measure(
+    settings: Settings, args: argparse.Namespace, alive: Callable[[], None], pid: int
+) -> dict[str, Any]:
+    """Warm up, then the measured load; latencies, throughput, usage."""
+    rng = random.Random(args.seed)
+    tag = uuid.uuid4().hex[:6]
+    count = args.events if args.max else int(args.rate * args.duration)
+    warm = load(rng, f"warm-{tag}", 200, args.users, args.items)
+    planned = load(rng, f"ev-{tag}", count, args.users, args.items)
+    collector = Collector(settings, RECOMMENDATIONS.name, _recommendation)
+    collector.start()
+    collector.ready.wait(10)
+    try:
+        with BehaviorProducer(settings, source="benchmark", linger_ms=5) as producer:
+
+            def send(event: Planned) -> None:
+                getattr(producer, event.kind)(event.key, event.item_id, event_id=event.event_id)
+
+            open_loop(warm, 100.0, send, "warm-up")
+            producer.flush()
+            await_arrivals(collector, warm, 120.0, alive)
+            base_behaviour = committed(settings, BEHAVIOR.name)
+            base_updates = committed(settings, USER_UPDATES.name)
+            before, started = Usage.of(pid), time.monotonic()
+            if args.max:
+                due = {}
+                for event in planned:
+                    due[event.event_id] = time.monotonic()
+                    send(event)
+                    producer.poll(0)
+                producer.flush()
+                achieved = None
+            else:
+                due, achieved = open_loop(planned, args.rate, send, "measured")
+                producer.flush()
+            # wait until both hops have committed every measured event (for the usage figures)
+            target = base_behaviour + len(planned)
+            deadline = time.monotonic() + max(STRAGGLER_S, 10.0 * len(planned) / 1000)
+            while time.monotonic() < deadline:
+                alive()
+                if committed(settings, BEHAVIOR.name) >= target and committed(
+                    settings, USER_UPDATES.name
+                ) >= base_updates + len(planned):
+                    break
+                time.sleep(0.2)
+            after = Usage.of(pid)
+            await_arrivals(collector, planned, STRAGGLER_S, alive)
+            phase = phase_result(planned, due, collector, achieved)
+            # done when the last list reflecting a measured event arrived (commits lag by seconds)
+            arrived = collector.snapshot()[0]
+            finished = max(
+                (arrived[e.event_id] for e in planned if e.event_id in arrived),
+                default=time.monotonic(),
+            )
+    finally:
+        collector.halt()
+    elapsed = finished - started
+    return {
+        "events": len(planned),
+        "events_per_s": round(len(planned) / elapsed, 1),
+        "achieved_send_rate": None if achieved is None else round(achieved, 1),
+        "seconds": round(elapsed, 2),
+        "latency_ms": percentiles(phase.latency_ms),
+        "worker_latency_ms": percentiles(phase.extra_ms),
+        "received": len(phase.latency_ms),
+        "coalesced": phase.coalesced,
+        "lost": phase.lost,
+        "worker_cpu_percent": round(100 * (after.cpu_s - before.cpu_s) / elapsed, 1),
+        "worker_rss_mib": round(after.rss_mib, 1),
+        "worker_peak_rss_mib": round(after.peak_rss_mib, 1),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    raw_in, raw_out, noop = scratch("raw-in"), scratch("raw-out"), scratch("noop")
+    with embedded_stack("recstream-e2e-", raw_in, raw_out, noop) as (tmp, settings):
+        print(f"comparisons: {args.ceiling_events} events each", file=sys.stderr, flush=True)
+        fill(settings, raw_in.name, args.ceiling_events)
+        raw = raw_loop(settings, raw_in.name, raw_out.name, args.ceiling_events)
+        fill(settings, noop.name, args.ceiling_events)
+        noop_rate = faust_noop(settings, noop.name, args.ceiling_events, tmp)
+        print(
+            f"  raw loop {raw:,.0f} events/s, Faust no-op {noop_rate:,.0f} events/s",
+            file=sys.stderr,
+            flush=True,
+        )
+        with running_worker(settings, tmp) as (worker, alive):
+            items = catalogue(args.items, random.Random(args.seed))
+            embed_started = time.monotonic()
+            with BehaviorProducer(settings, source="benchmark") as producer:
+                for item in items:
+                    producer.send_dict(item)
+            wait_embedded(settings, len(items), alive)
+            embed_s = time.monotonic() - embed_started
+            print(
+                f"  catalogue of {len(items):,} items embedded in {embed_s:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            result = measure(settings, args, alive, worker.pid)
+            result["dead_lettered"] = end_offsets(settings, DEAD_LETTER.name)
+    return {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "command": list(sys.argv),
+        "mode": "max" if args.max else "rate",
+        "rate": None if args.max else args.rate,
+        "duration_s": None if args.max else args.duration,
+        "items": args.items,
+        "users": args.users,
+        "partitions": settings.kafka.partitions,
+        "catalogue_embed_s": round(embed_s, 1),
+        **result,
+        "faust_noop_events_per_s": round(noop_rate, 1),
+        "raw_loop_events_per_s": round(raw, 1),
+        "ratio_vs_faust_noop": round(result["events_per_s"] / noop_rate, 3),
+        "ratio_vs_raw_loop": round(result["events_per_s"] / raw, 4),
+    }
+
+
+def table(r: dict[str, Any]) -> str:
+    lat = r["latency_ms"]
+    mode = (
+        "as fast as possible"
+        if r["mode"] == "max"
+        else f"at {r['rate']:g}/s for {r['duration_s']:g} s"
+    )
+    return "\n".join(
+        [
+            f"recstream e2e: {r['events']:,} behaviour events {mode}, {r['users']:,} users, "
+            f"{r['items']:,} items, {r['partitions']} partitions, one worker, embedded broker, cpu",
+            f"{'':<28}{'events/s':>12}{'ratio':>10}",
+            f"{'recstream (both hops)':<28}{r['events_per_s']:>12,.0f}{'':>10}",
+            f"{'Faust no-op ceiling':<28}{r['faust_noop_events_per_s']:>12,.0f}"
+            f"{r['ratio_vs_faust_noop']:>9.1%} ",
+            f"{'raw confluent-kafka loop':<28}{r['raw_loop_events_per_s']:>12,.0f}"
+            f"{r['ratio_vs_raw_loop']:>9.1%} ",
+            f"latency ms (from due time): p50 {lat['p50']}, p95 {lat['p95']}, p99 {lat['p99']}, "
+            f"max {lat['max']}",
+            f"received {r['received']:,}, coalesced {r['coalesced']:,}, lost {r['lost']}, "
+            f"dead-lettered {r['dead_lettered']}; worker CPU {r['worker_cpu_percent']}%, "
+            f"RSS {r['worker_rss_mib']} MiB (peak {r['worker_peak_rss_mib']})",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="e2e.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=500.0, help="events per second")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    parser.add_argument("--max", action="store_true", help="sustained throughput instead")
+    parser.add_argument("--events", type=int, default=20_000, help="events in --max mode")
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--users", type=int, default=1_000)
+    parser.add_argument("--ceiling-events", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if min(args.rate, args.duration, args.events, args.items, args.users, args.ceiling_events) <= 0:
+        parser.error("rates, durations and counts must be positive")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json: no such directory: {args.json.parent}")
+    configure_logging("warning")
+    try:
+        result = run(args)
+    except (BenchError, BrokerStartError) as exc:
+        print(f"e2e.py: error: {exc}", file=sys.stderr)
+        return 1
+    emit(table(result), result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
