@@ -126,6 +126,8 @@ class EncodeStep:
         self, reqs: list[EncodeRequest], messages: list[Any]
     ) -> tuple[list[EncodeRequest], np.ndarray]:
         """Encode the batch; if it fails, encode text by text and dead-letter the failures."""
+        if not reqs:
+            return [], np.zeros((0, self.encoder.dim), np.float32)
         texts = [r.text for r in reqs]
         try:
             return reqs, await self._encode(texts)
