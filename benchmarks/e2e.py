@@ -52,6 +52,7 @@ from latency import (
     Planned,
     _recommendation,
     await_arrivals,
+    committed,
     embedded_stack,
     emit,
     open_loop,
@@ -62,7 +63,7 @@ from latency import (
 )
 
 from infra.broker import BrokerStartError
-from infra.kafka import consumer_config, group_progress, producer_config
+from infra.kafka import consumer_config, producer_config
 from infra.logs import configure_logging
 from infra.settings import Settings
 from producers.producer import BehaviorProducer
@@ -285,13 +286,6 @@ class Usage:
         )
         kib = {k: int(fields[k].split()[0]) for k in ("VmRSS", "VmHWM")}
         return cls(cpu, kib["VmRSS"] / 1024, kib["VmHWM"] / 1024)
-
-
-def committed(settings: Settings, topic: str) -> int:
-    try:
-        return group_progress(settings.kafka, settings.stream.app_id, topic)[0]
-    except Exception:  # noqa: BLE001 - the group may not have committed yet
-        return 0
 
 
 def end_offsets(settings: Settings, topic: str) -> int:

@@ -286,6 +286,14 @@ def plan(
 # -- the stack -------------------------------------------------------------------------------
 
 
+def committed(settings: Settings, topic: str) -> int:
+    """Offsets the worker's group has committed on ``topic``, summed (0 before it has any)."""
+    try:
+        return group_progress(settings.kafka, settings.stream.app_id, topic)[0]
+    except (KafkaException, KeyError):  # the worker's group may not exist yet
+        return 0
+
+
 def wait_embedded(settings: Settings, total: int, alive: Callable[[], None]) -> None:
     """Block until the worker's group has committed ``total`` encode requests."""
     deadline = time.monotonic() + EMBED_TIMEOUT_S
@@ -294,10 +302,7 @@ def wait_embedded(settings: Settings, total: int, alive: Callable[[], None]) -> 
         alive()
         if time.monotonic() > deadline:
             raise BenchError(f"the catalogue was not embedded within {EMBED_TIMEOUT_S:.0f} s")
-        try:
-            done, _ = group_progress(settings.kafka, settings.stream.app_id, ENCODE_REQUESTS.name)
-        except (KafkaException, KeyError):  # the worker's group may not exist yet
-            done = 0
+        done = committed(settings, ENCODE_REQUESTS.name)
         if time.monotonic() - shown >= PROGRESS_EVERY_S:
             shown = time.monotonic()
             print(f"  embedding the catalogue: {done}/{total}", file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -224,25 +225,22 @@ class TextEncoder:
                 yield rows, self._tokenise([texts[i] for i in rows])
             return
         depth = 4 * pool.workers  # chunks in flight
-        ahead: list[tuple[list[int], list[Future[dict[str, np.ndarray]]]]] = []
+        ahead: deque[tuple[list[int], list[Future[dict[str, np.ndarray]]]]] = deque()
         queued = 0
         pending = iter(batches)
 
-        def submit(rows: list[int]) -> None:
+        def refill() -> None:
             nonlocal queued
-            chunks = [rows[n : n + pool.CHUNK] for n in range(0, len(rows), pool.CHUNK)]
-            ahead.append((rows, [pool.submit([texts[i] for i in c]) for c in chunks]))
-            queued += len(chunks)
+            while queued < depth and (rows := next(pending, None)) is not None:
+                chunks = [rows[n : n + pool.CHUNK] for n in range(0, len(rows), pool.CHUNK)]
+                ahead.append((rows, [pool.submit([texts[i] for i in c]) for c in chunks]))
+                queued += len(chunks)
 
-        for rows in pending:
-            submit(rows)
-            if queued >= depth:
-                break
+        refill()
         while ahead:
-            rows, parts = ahead.pop(0)
+            rows, parts = ahead.popleft()
             queued -= len(parts)
-            while queued < depth and (nxt := next(pending, None)) is not None:
-                submit(nxt)
+            refill()
             yield rows, self._tensors(joined([f.result() for f in parts], self._spec))
 
     def _pool(self) -> TokeniserPool | None:

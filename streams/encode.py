@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -25,6 +25,9 @@ from models.state import SNIPPET_CHARS, review_key
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.topics import USER_UPDATES
 from streams.sinks import Output, Sinks
+
+if TYPE_CHECKING:
+    from streams.services import Services
 
 STEP = "encode-text"
 log = structlog.get_logger(__name__)
@@ -117,6 +120,20 @@ class EncodeStep:
         self.reviews = reviews_collection
         self.sinks = sinks
         self.executor = executor
+
+    @classmethod
+    def for_services(cls, services: Services, sinks: Sinks, executor: Executor) -> EncodeStep:
+        """The step over a worker's (or a job's) encoder and vector store, on the configured
+        collections."""
+        vectors = services.settings.vectors
+        return cls(
+            encoder=services.encoder(),
+            store=services.store(),
+            items_collection=vectors.items_collection,
+            reviews_collection=vectors.reviews_collection,
+            sinks=sinks,
+            executor=executor,
+        )
 
     async def _encode(self, texts: list[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()

@@ -90,34 +90,21 @@ def log_requests(frame: Any) -> list[EncodeRequest]:
 def reencode(
     settings: Settings, log_path: Path, *, batch_size: int, services: Services | None = None
 ) -> ReencodeReport:
-    """Encode what is not current; returns the counts."""
+    """Encode what is not current; returns the counts. Services it opens itself it closes."""
     started = time.monotonic()
     reqs = log_requests(load_sorted_log(log_path))
+    owned = services is None
     services = services or Services(settings)
-    sinks = _Rejects()
-    step = EncodeStep(
-        encoder=services.encoder(),
-        store=services.store(),
-        items_collection=settings.vectors.items_collection,
-        reviews_collection=settings.vectors.reviews_collection,
-        sinks=sinks,
-        executor=ThreadPoolExecutor(1, thread_name_prefix="reencode"),
-    )
-    report = ReencodeReport(requests=len(reqs), encoder=services.encoder().version)
-    progress = Progress(f"re-encoding for {report.encoder}", len(reqs))
-    for start in range(0, len(reqs), batch_size):
-        chunk = reqs[start : start + batch_size]
-        rows = [
-            (r, LogRow(str(log_path), 0, start + n, r.model_dump_json().encode()))
-            for n, r in enumerate(chunk)
-        ]
-        counts = asyncio.run(step.run(rows, announce=False))
-        report.encoded += counts["encoded"]
-        report.unchanged += counts["unchanged"]
-        report.failed += counts["failed"]
-        progress.update(start + len(chunk))
-    progress.update(len(reqs), final=True)
-    report.rejects = sinks.letters
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="reencode") as executor:
+            sinks = _Rejects()
+            step = EncodeStep.for_services(services, sinks, executor)
+            report = ReencodeReport(requests=len(reqs), encoder=step.encoder.version)
+            asyncio.run(_in_batches(step, reqs, log_path, batch_size, report))
+            report.rejects = sinks.letters
+    finally:
+        if owned:
+            services.close()
     report.seconds = round(time.monotonic() - started, 1)
     log.info(
         "reencoded",
@@ -130,13 +117,32 @@ def reencode(
     return report
 
 
+async def _in_batches(
+    step: EncodeStep,
+    reqs: list[EncodeRequest],
+    log_path: Path,
+    batch_size: int,
+    report: ReencodeReport,
+) -> None:
+    """The requests through ``step`` in batches, counted into ``report``, with a progress line."""
+    progress = Progress(f"re-encoding for {report.encoder}", len(reqs))
+    for start in range(0, len(reqs), batch_size):
+        chunk = reqs[start : start + batch_size]
+        rows = [
+            (r, LogRow(str(log_path), 0, start + n, r.model_dump_json().encode()))
+            for n, r in enumerate(chunk)
+        ]
+        counts = await step.run(rows, announce=False)
+        report.encoded += counts["encoded"]
+        report.unchanged += counts["unchanged"]
+        report.failed += counts["failed"]
+        progress.update(start + len(chunk))
+    progress.update(len(reqs), final=True)
+
+
 def cli_reencode(args: argparse.Namespace) -> int:
     settings = load_cli_settings(args)
-    services = Services(settings)
-    try:
-        report = reencode(settings, args.log, batch_size=args.batch_size, services=services)
-    finally:
-        services.close()
+    report = reencode(settings, args.log, batch_size=args.batch_size)
     print(
         f"{report.requests:,} texts in the log: {report.encoded:,} encoded, "
         f"{report.unchanged:,} already current, {report.failed:,} failed "

@@ -97,13 +97,8 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
 
     if role in ("all", "encoder"):
         enc = settings.encoder
-        step = EncodeStep(
-            encoder=services.encoder(),
-            store=services.store(),
-            items_collection=settings.vectors.items_collection,
-            reviews_collection=settings.vectors.reviews_collection,
-            sinks=sinks,
-            executor=ThreadPoolExecutor(1, thread_name_prefix="encoder"),
+        step = EncodeStep.for_services(
+            services, sinks, ThreadPoolExecutor(1, thread_name_prefix="encoder")
         )
 
         async def encode_agent(stream: Any) -> None:
