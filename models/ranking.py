@@ -68,21 +68,24 @@ def _base_scores(inp: RankInput, items: Mapping[str, ItemInfo], w: Weights) -> d
             for i, s in inp.scores.items()
             if i not in inp.exclude and (info := items.get(i)) is not None and info.available
         }
-    candidates = set(inp.similar) | set(inp.covisit) | set(inp.popular)
-    scores: dict[str, float] = {}
-    for item_id in candidates:
-        info = items.get(item_id)
-        if info is None or not info.available or item_id in inp.exclude:
-            continue
-        sim = inp.similar.get(item_id)
-        if sim is None:
-            sim = float(info.vector @ inp.query) if inp.query is not None else 0.0
-        scores[item_id] = (
-            sim
-            + w.covisit * inp.covisit.get(item_id, 0.0)
-            + POPULARITY_WEIGHT * inp.popular.get(item_id, 0.0)
-        )
-    return scores
+    candidates = [
+        i
+        for i in dict.fromkeys([*inp.similar, *inp.covisit, *inp.popular])
+        if i not in inp.exclude and (info := items.get(i)) is not None and info.available
+    ]
+    sims = dict(inp.similar)
+    unscored = [i for i in candidates if i not in sims]  # co-visited or popular, not retrieved
+    if unscored:  # one product for all of them
+        if inp.query is None:
+            sims.update(dict.fromkeys(unscored, 0.0))
+        else:
+            found = np.stack([items[i].vector for i in unscored]) @ inp.query
+            sims.update(zip(unscored, found.tolist(), strict=True))
+    covisit, popular = inp.covisit, inp.popular
+    return {
+        i: sims[i] + w.covisit * covisit.get(i, 0.0) + POPULARITY_WEIGHT * popular.get(i, 0.0)
+        for i in candidates
+    }
 
 
 def mmr_select(
@@ -119,39 +122,52 @@ def explain(
     When a trained re-ranker says which signal lifted the item most (``inp.lead``), the reason of
     that kind comes first.
     """
-    found: list[tuple[float, str, str]] = []
+    return explain_all([item], inp, items, review_vectors)[0]
+
+
+def explain_all(
+    picked: Sequence[ItemInfo],
+    inp: RankInput,
+    items: Mapping[str, ItemInfo],
+    review_vectors: Mapping[str, np.ndarray],
+) -> list[list[str]]:
+    """:func:`explain` for each of ``picked``, with one matrix product per kind of reason."""
+    if not picked:
+        return []
     kinds: dict[str, str] = {}
     strongest: dict[str, float] = {}
     for inter in inp.history:  # the strongest interaction per item gives the verb
         if inter.weight > strongest.get(inter.item_id, 0.0):
             strongest[inter.item_id] = inter.weight
             kinds[inter.item_id] = inter.kind
-    best_hist = max(
-        ((float(item.vector @ items[h].vector), h) for h in kinds if h in items),
-        default=None,
-    )
-    if best_hist is not None:
-        sim, h = best_hist
-        verb = VERBS.get(kinds[h], "viewed")
-        found.append((sim, "history", f"because you {verb} {_quote(items[h].title)}"))
-    for ref in inp.reviews:
-        vec = review_vectors.get(ref.key)
-        if vec is None:
-            continue
-        sim = float(item.vector @ vec)
-        about = items[ref.item_id].title if ref.item_id in items else ref.item_id
-        text = f"close to your review of {_quote(about)}: {_quote(ref.snippet, 40)}"
-        found.append((sim, "history", text))
-    source = inp.covisit_source.get(item.item_id)
-    if source and inp.covisit.get(item.item_id, 0.0) > 0.0 and source in items:
-        strength = 0.5 + 0.5 * inp.covisit[item.item_id]
-        text = f"often viewed together with {_quote(items[source].title)}"
-        found.append((strength, "covisit", text))
-    lead = inp.lead.get(item.item_id)
-    if lead == "popular" or not found:
-        found.insert(0, (np.inf, "popular", POPULAR_REASON))
-    found.sort(key=lambda r: (r[1] != lead, -r[0]))
-    return list(dict.fromkeys(text for _, _, text in found))[:MAX_REASONS]
+    mat = np.stack([p.vector for p in picked])
+    hist = [h for h in kinds if h in items]
+    hist_sims = (mat @ np.stack([items[h].vector for h in hist]).T).tolist() if hist else None
+    refs = [r for r in inp.reviews if r.key in review_vectors]
+    rev_sims = (mat @ np.stack([review_vectors[r.key] for r in refs]).T).tolist() if refs else None
+    out = []
+    for n, item in enumerate(picked):
+        found: list[tuple[float, str, str]] = []
+        if hist_sims is not None:
+            sim, h = max(zip(hist_sims[n], hist, strict=True))
+            verb = VERBS.get(kinds[h], "viewed")
+            found.append((sim, "history", f"because you {verb} {_quote(items[h].title)}"))
+        if rev_sims is not None:
+            for ref, sim in zip(refs, rev_sims[n], strict=True):
+                about = items[ref.item_id].title if ref.item_id in items else ref.item_id
+                text = f"close to your review of {_quote(about)}: {_quote(ref.snippet, 40)}"
+                found.append((sim, "history", text))
+        source = inp.covisit_source.get(item.item_id)
+        if source and inp.covisit.get(item.item_id, 0.0) > 0.0 and source in items:
+            strength = 0.5 + 0.5 * inp.covisit[item.item_id]
+            text = f"often viewed together with {_quote(items[source].title)}"
+            found.append((strength, "covisit", text))
+        lead = inp.lead.get(item.item_id)
+        if lead == "popular" or not found:
+            found.insert(0, (np.inf, "popular", POPULAR_REASON))
+        found.sort(key=lambda r: (r[1] != lead, -r[0]))
+        out.append(list(dict.fromkeys(text for _, _, text in found))[:MAX_REASONS])
+    return out
 
 
 def rank(
@@ -164,7 +180,5 @@ def rank(
     """The top ``k`` items for one user, diversified, each with at least one reason."""
     scores = _base_scores(inp, items, weights)
     picked = mmr_select(scores, items, k, weights.mmr_lambda)
-    return [
-        Ranked(i, round(scores[i], 6), explain(items[i], inp, items, review_vectors))
-        for i in picked
-    ]
+    reasons = explain_all([items[i] for i in picked], inp, items, review_vectors)
+    return [Ranked(i, round(scores[i], 6), why) for i, why in zip(picked, reasons, strict=True)]

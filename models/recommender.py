@@ -224,14 +224,14 @@ class Recommender:
         if not asked:
             return out
         longest = max(len(excluded[i]) for i in asked)
-        hits = self.store.query_batch(
+        found = self.store.query_keys(  # vectors and titles come from the (cached) item reads
             self.items,
             [queries[i] for i in asked],  # type: ignore[misc]
             self.cfg.candidates + longest,
             Filter(must_equal={"available": True}),
         )
-        for i, found in zip(asked, hits, strict=True):
-            out[i] = {h.key: h.score for h in found}
+        for i, scores in zip(asked, found, strict=True):
+            out[i] = scores
         return out
 
     @staticmethod

@@ -8,7 +8,7 @@ of the vectors of the user's recent items; the text vector z is the mean of thei
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,16 @@ KIND_WEIGHTS: dict[str, float] = {
     "purchase": 5.0,
     "review": 4.0,
 }
+#: One letter per kind in a stored state (a kind without a letter makes the state store names).
+KIND_CODES: dict[str, str] = {
+    "view": "v",
+    "click": "c",
+    "add_to_cart": "a",
+    "purchase": "p",
+    "rating": "r",
+    "review": "w",
+}
+KIND_NAMES = {code: kind for kind, code in KIND_CODES.items()}
 #: Kinds after which an item is never recommended again to the same user.
 CONSUMED_KINDS = frozenset({"purchase", "review", "rating"})
 MAX_CONSUMED = 500
@@ -82,12 +92,59 @@ class UserState:
     last_event_id: str = ""  # the newest behaviour event applied: what a fresh list reflects
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The table record: compact plain data (see :data:`KIND_CODES`).
+
+        Recent interactions are stored as columns, item ids, one letter per kind and times as
+        offsets back from ``last_ts``; weights are stored only when one differs from its kind's
+        default (a rating). This is what sits in the changelog and the table for every user, so
+        its size is the per-user memory figure (``benchmarks/memory.py``).
+        """
+        kinds = [r.kind for r in self.recent]
+        codes = "".join(KIND_CODES.get(k, "?") for k in kinds)
+        out: dict[str, Any] = {
+            "i": [r.item_id for r in self.recent],
+            "k": kinds if "?" in codes else codes,
+            "t": [self.last_ts - r.ts for r in self.recent],
+            "n": self.events,
+            "l": self.last_ts,
+        }
+        if any(r.weight != kind_weight(r.kind) for r in self.recent):
+            out["w"] = [r.weight for r in self.recent]
+        if self.consumed:
+            out["c"] = list(self.consumed)
+        if self.reviews:
+            out["r"] = [[r.key, r.item_id, r.snippet] for r in self.reviews]
+        if self.last_event_id:
+            out["e"] = self.last_event_id
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> UserState:
+        """A state from :meth:`to_dict`'s record, or from the earlier field-by-field record."""
         if not data:
             return cls()
+        if "recent" in data or "events" in data:
+            return cls._from_fields(data)
+        last_ts = int(data["l"])
+        kinds = data["k"]
+        names = [KIND_NAMES[c] for c in kinds] if isinstance(kinds, str) else list(kinds)
+        weights = data.get("w") or [kind_weight(k) for k in names]
+        return cls(
+            recent=[
+                Interaction(item, kind, last_ts - back, float(weight))
+                for item, kind, back, weight in zip(
+                    data["i"], names, data["t"], weights, strict=True
+                )
+            ],
+            consumed=list(data.get("c", [])),
+            reviews=[ReviewRef(key, item, snippet) for key, item, snippet in data.get("r", [])],
+            events=int(data["n"]),
+            last_ts=last_ts,
+            last_event_id=str(data.get("e", "")),
+        )
+
+    @classmethod
+    def _from_fields(cls, data: Mapping[str, Any]) -> UserState:
         return cls(
             recent=[Interaction(**r) for r in data.get("recent", [])],
             consumed=list(data.get("consumed", [])),

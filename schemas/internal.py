@@ -36,12 +36,17 @@ class EncodeRequest(_Internal):
 
 
 class UserUpdate(_Internal):
-    """Something that changes a user's state: behaviour, an embedded review, or forget."""
+    """Something that changes a user's state: behaviour, an embedded review, or forget.
 
-    kind: Literal["behavior", "review_embedded", "forget"]
+    ``items_changed`` is no user's: it names items whose stored vector or payload changed, and is
+    sent to every partition so each recommend worker drops them from its item table.
+    """
+
+    kind: Literal["behavior", "review_embedded", "forget", "items_changed"]
     user_id: Id
     event_type: str
     item_id: str | None = None
     value: float | None = None
     review_point: str | None = None
     review_snippet: str | None = None
+    item_ids: list[str] | None = None

@@ -24,7 +24,7 @@ from models.profiles import REVIEWS, refresh_profiles, text_source
 from models.state import SNIPPET_CHARS, review_key
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.topics import USER_UPDATES
-from streams.sinks import Output, Sinks
+from streams.sinks import Output, Sinks, items_changed
 
 if TYPE_CHECKING:
     from streams.services import Services
@@ -113,13 +113,17 @@ class EncodeStep:
         reviews_collection: str,
         sinks: Sinks,
         executor: Executor,
+        partitions: int = 0,
     ) -> None:
+        """``partitions``: how many partitions the user-updates topic has, for the notices that
+        name changed items (0 sends none)."""
         self.encoder = encoder
         self.store = store
         self.items = items_collection
         self.reviews = reviews_collection
         self.sinks = sinks
         self.executor = executor
+        self.partitions = partitions
 
     @classmethod
     def for_services(cls, services: Services, sinks: Sinks, executor: Executor) -> EncodeStep:
@@ -133,6 +137,7 @@ class EncodeStep:
             reviews_collection=vectors.reviews_collection,
             sinks=sinks,
             executor=executor,
+            partitions=services.settings.kafka.partitions,
         )
 
     async def _encode(self, texts: list[str]) -> np.ndarray:
@@ -215,6 +220,8 @@ class EncodeStep:
                     self._announce_review(r)
         if removed:
             self.store.delete(self.items, removed)
+        if reqs:
+            self._notify([p.key for p in items] + described + removed, reqs[0])
         summary = {
             "requests": len(batch),
             "encoded": len(done),
@@ -229,6 +236,17 @@ class EncodeStep:
         self, collection: str, reqs: list[EncodeRequest], digests: dict[int, str]
     ) -> dict[str, VectorPoint]:
         return unchanged(self.store, collection, reqs, [digests[id(r)] for r in reqs])
+
+    def _notify(self, keys: list[str], first: EncodeRequest) -> None:
+        """Tell every recommend worker which items changed (they cache items in memory)."""
+        for out in items_changed(
+            keys,
+            partitions=self.partitions,
+            event_id=first.event_id,
+            ts=first.ts,
+            received_ms=first.received_ms,
+        ):
+            self.sinks.send(out)
 
     def _announce_review(self, req: EncodeRequest) -> None:
         update = UserUpdate(

@@ -13,6 +13,7 @@ import structlog
 
 from infra.settings import Settings
 from infra.vectors import VectorStore, open_vector_store
+from infra.vectors.cached import CachedStore
 from models.encoder import EncoderLoadError, TextEncoder
 from models.recommender import Recommender
 from models.state import Fusion
@@ -48,7 +49,7 @@ class Services:
             self.settings.vectors.reviews_collection,
         ):
             store.ensure_collection(name, dim)
-        return store
+        return CachedStore(store, self.settings.vectors.items_collection)
 
     def store(self) -> VectorStore:
         return self._store

@@ -2,25 +2,56 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from schemas.internal import UserUpdate
 from schemas.serde import dead_letter, encode
-from schemas.topics import DEAD_LETTER, TopicSpec
+from schemas.topics import DEAD_LETTER, USER_UPDATES, TopicSpec
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """One message to send: which topic, its key, its value bytes."""
+    """One message to send: which topic, its key, its value bytes; the partition when the key
+    must not choose it."""
 
     spec: TopicSpec
     key: str
     value: bytes
+    partition: int | None = None
+
+
+#: The key of ``items_changed`` notices (they name no user and go to every partition).
+ITEMS_NOTICE_KEY = "__items__"
+
+
+def items_changed(
+    keys: Iterable[str], *, partitions: int, event_id: str, ts: int, received_ms: int
+) -> list[Output]:
+    """An ``items_changed`` notice for each partition of the user-updates topic, so every
+    recommend worker, whichever partitions it holds, drops ``keys`` from its item table."""
+    names = sorted(set(keys))
+    if not names:
+        return []
+    value = (
+        UserUpdate(
+            event_id=event_id,
+            ts=ts,
+            received_ms=received_ms,
+            kind="items_changed",
+            user_id=ITEMS_NOTICE_KEY,
+            event_type="items_changed",
+            item_ids=names,
+        )
+        .model_dump_json(exclude_none=True)
+        .encode()
+    )
+    return [Output(USER_UPDATES, ITEMS_NOTICE_KEY, value, p) for p in range(partitions)]
 
 
 class Sinks:
@@ -30,7 +61,9 @@ class Sinks:
         self._topics = topics
 
     def send(self, out: Output) -> None:
-        self._topics[out.spec.name].send_soon(key=out.key.encode(), value=out.value)
+        self._topics[out.spec.name].send_soon(
+            key=out.key.encode(), value=out.value, partition=out.partition
+        )
 
     def dead(self, *, stage: str, message: Any, exc: Exception) -> None:
         """Route a rejected input (a Faust message) to the dead-letter topic with its bytes."""

@@ -26,6 +26,7 @@ import structlog
 
 from infra.kafka import faust_broker_options
 from infra.settings import Settings
+from infra.vectors.cached import CachedStore
 from schemas.topics import ALL_TOPICS, ENCODE_REQUESTS, INPUT_TOPICS, USER_UPDATES
 from streams.encode import EncodeStep, encode_text
 from streams.ingest import STEP as INGEST_STEP
@@ -129,7 +130,16 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
             sinks=sinks,
             model_version=services.model_version,
             max_recent=settings.ranking.recent_items,
+            partitions=settings.kafka.partitions,
         )
+
+        @app.on_partitions_assigned.connect
+        def drop_cached_items(sender: Any, /, *_: Any, signal: Any, **__: Any) -> None:
+            """Notices of changed items reach a worker through the partitions it holds; after a
+            rebalance it may have missed some, so its item table starts again from the store."""
+            store = services.store()
+            if isinstance(store, CachedStore):
+                store.clear()
 
         async def user_state_agent(stream: Any) -> None:
             await update_user_state(stream, step=user_step, batch_size=batch, batch_wait_s=wait_s)

@@ -16,6 +16,7 @@ import structlog
 from pydantic import ValidationError
 
 from infra.vectors import VectorStore
+from infra.vectors.cached import CachedStore
 from models.covisit import add_counts, bump_popularity, covisit_pairs
 from models.profiles import refresh_profiles
 from models.ranking import Ranked
@@ -25,7 +26,7 @@ from schemas.events import RecommendationEvent, RecommendedItem, now_ms
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.serde import encode
 from schemas.topics import ENCODE_REQUESTS, RECOMMENDATIONS
-from streams.sinks import Output, Sinks
+from streams.sinks import Output, Sinks, items_changed
 
 STEP = "update-user-state"
 POPULAR_KEY = "__all__"
@@ -103,7 +104,10 @@ class UserStateStep:
         sinks: Sinks,
         model_version: str | Callable[[], str],
         max_recent: int,
+        partitions: int = 0,
     ) -> None:
+        """``partitions``: how many partitions the user-updates topic has, for the notices that
+        name items whose profiles a forget rebuilt (0 sends none)."""
         self.tables = tables
         self.recommender = recommender
         self.store = store
@@ -111,11 +115,24 @@ class UserStateStep:
         self.sinks = sinks
         self.model_version = model_version
         self.max_recent = max_recent
+        self.partitions = partitions
 
     def run(self, updates: list[UserUpdate]) -> list[RecommendationEvent]:
         """Update every user in the batch once and emit their fresh lists."""
+        requests, popular = self.absorb(updates)
+        return self._recommend(requests, popular)
+
+    def absorb(
+        self, updates: list[UserUpdate]
+    ) -> tuple[list[tuple[UserRequest, UserUpdate]], dict[str, float]]:
+        """Apply the batch to the tables (each user, co-visited item and the popularity written
+        once); return who needs a fresh list, with the update that asked, and the popularity."""
         by_user: dict[str, list[UserUpdate]] = defaultdict(list)
         for up in updates:
+            if up.kind == "items_changed":
+                if isinstance(self.store, CachedStore):
+                    self.store.invalidate(up.item_ids or ())
+                continue
             by_user[up.user_id].append(up)
         neighbour_counts: dict[str, list[str]] = defaultdict(list)
         touched_all: list[str] = []
@@ -139,7 +156,7 @@ class UserStateStep:
         if touched_all:
             popular = bump_popularity(popular, touched_all)
             self.tables.popularity[POPULAR_KEY] = popular
-        return self._recommend(requests, popular)
+        return requests, popular
 
     def _forget(self, update: UserUpdate) -> None:
         """Drop the user's state and reviews, and rebuild the review profiles their reviews were
@@ -150,6 +167,14 @@ class UserStateStep:
         self.store.delete_where(self.reviews, "user_id", user_id)
         items = self.recommender.items
         reviewed = [str(p.payload.get("item_id")) for p in mine]
+        for out in items_changed(
+            reviewed,
+            partitions=self.partitions,
+            event_id=update.event_id,
+            ts=update.ts,
+            received_ms=update.received_ms,
+        ):
+            self.sinks.send(out)
         for point in refresh_profiles(self.store, items, self.reviews, reviewed):
             key = point.key
             request = EncodeRequest(

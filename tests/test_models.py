@@ -543,7 +543,7 @@ class RecordingTopic:
 
     sent: list[tuple[bytes, bytes]] = field(default_factory=list)
 
-    def send_soon(self, *, key: bytes, value: bytes) -> None:
+    def send_soon(self, *, key: bytes, value: bytes, partition: int | None = None) -> None:
         self.sent.append((key, value))
 
 

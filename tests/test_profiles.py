@@ -51,7 +51,7 @@ class _Topic:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, bytes]] = []
 
-    def send_soon(self, *, key: bytes, value: bytes) -> None:
+    def send_soon(self, *, key: bytes, value: bytes, partition: int | None = None) -> None:
         self.sent.append((key, value))
 
 

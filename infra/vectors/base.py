@@ -86,6 +86,16 @@ class VectorStore(Protocol):
     ) -> list[list[Hit]]:
         """For each query vector, the ``limit`` most similar points (best first) meeting ``flt``."""
 
+    def query_keys(
+        self,
+        collection: str,
+        vectors: Sequence[np.ndarray],
+        limit: int,
+        flt: Filter | None = None,
+    ) -> list[dict[str, float]]:
+        """:meth:`query_batch` as ``{key: score}`` per query, best first, without payloads: for a
+        caller that keeps its own item table and needs only keys and scores."""
+
     def count(self, collection: str) -> int:
         """How many points the collection holds."""
 

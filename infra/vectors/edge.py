@@ -11,6 +11,9 @@ Things about Qdrant Edge 0.9 this module relies on (see ``tests/test_vectors.py`
 - Nothing optimizes in the background: segments stay plain (exact, brute-force search) until
   :meth:`EdgeVectorStore.optimize` is called, which builds HNSW for segments over the indexing
   threshold.
+- ``HnswIndexConfig`` needs ``m``, ``ef_construct`` and ``full_scan_threshold`` together; the HNSW
+  settings are persisted with the shard when it is created, so they shape every later
+  ``optimize()``. ``SearchParams(hnsw_ef=...)`` only matters for segments that have an HNSW index.
 - Every error is a plain ``Exception``.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,21 +36,42 @@ if TYPE_CHECKING:
 
 _COLLECTION_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _CONFIG_FILE = "edge_config.json"  # written by Edge into every shard directory
+# Qdrant's own HNSW defaults, filled in for whichever of them a store leaves unset (Edge takes
+# the three together); full_scan_threshold is in KB, as in Qdrant.
+_HNSW_M = 16
+_HNSW_EF_CONSTRUCT = 100
+_HNSW_FULL_SCAN_THRESHOLD_KB = 10_000
 
 
 class EdgeVectorStore:
     """:class:`~infra.vectors.base.VectorStore` on Qdrant Edge, embedded, persisted under ``path``.
 
     ``indexing_threshold_kb`` overrides Edge's segment size (in KB) above which :meth:`optimize`
-    builds an HNSW index; it only applies to collections this store creates.
+    builds an HNSW index; ``hnsw_m`` (edges per node) and ``hnsw_ef_construct`` (candidates while
+    building) shape that index. These three only apply to collections this store creates; a
+    collection created earlier keeps the settings persisted with it. ``hnsw_ef`` is the number
+    of candidates each query explores in an HNSW segment (None = Edge's default); it applies to
+    every query this store runs.
     """
 
-    def __init__(self, path: Path, *, indexing_threshold_kb: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        indexing_threshold_kb: int | None = None,
+        hnsw_m: int | None = None,
+        hnsw_ef_construct: int | None = None,
+        hnsw_ef: int | None = None,
+    ) -> None:
         import qdrant_edge  # noqa: F401 - fail fast when the worker extra is missing
 
         self._path = Path(path)
         self._indexing_threshold_kb = indexing_threshold_kb
+        self._hnsw_m = hnsw_m
+        self._hnsw_ef_construct = hnsw_ef_construct
+        self._hnsw_ef = hnsw_ef
         self._shards: dict[str, qdrant_edge.EdgeShard] = {}
+        self._keys: dict[int, str] = {}  # Edge point id (its UUID's int) -> our key
 
     def ensure_collection(self, name: str, dim: int) -> None:
         """Create the collection's shard if absent (cosine distance); a no-op when it exists."""
@@ -120,22 +145,61 @@ class EdgeVectorStore:
 
         All vectors go to Edge as one ``QueryBatchRequest``, planned and scored together.
         """
-        from qdrant_edge import Query, QueryBatchRequest, QueryRequest
+        batches = self._query(collection, vectors, limit, flt, with_payload=True)
+        return [[_to_hit(scored) for scored in batch] for batch in batches]
 
-        if not vectors:
+    def query_keys(
+        self,
+        collection: str,
+        vectors: Sequence[np.ndarray],
+        limit: int,
+        flt: Filter | None = None,
+    ) -> list[dict[str, float]]:
+        """Keys and scores per query, best first, read without payloads.
+
+        Reading even one payload field costs Edge more than the search itself. Point ids are a
+        pure function of keys, so each id is looked up once (by id, for its ``key``) and kept.
+        """
+        from qdrant_edge import PayloadSelector
+
+        batches = self._query(collection, vectors, limit, flt, with_payload=False)
+        keys = self._keys
+        # Each ``.id`` access builds a uuid.UUID, whose hashing is Python code; its int is not.
+        rows = [[(_id_int(scored.id), scored.score) for scored in batch] for batch in batches]
+        unknown = list({i for row in rows for i, _ in row if i not in keys})
+        if unknown:
+            records = self._shard(collection).retrieve(
+                [str(uuid.UUID(int=i)) for i in unknown], PayloadSelector.Include(["key"]), False
+            )
+            keys.update((_id_int(r.id), str((r.payload or {})["key"])) for r in records)
+        return [{keys[i]: score for i, score in row} for row in rows]
+
+    def _query(
+        self,
+        collection: str,
+        vectors: Sequence[np.ndarray],
+        limit: int,
+        flt: Filter | None,
+        *,
+        with_payload: bool,
+    ) -> list[list[qdrant_edge.ScoredPoint]]:
+        from qdrant_edge import Query, QueryBatchRequest, QueryRequest, SearchParams
+
+        if not len(vectors):
             return []
         condition = _edge_filter(flt)
+        params = SearchParams(hnsw_ef=self._hnsw_ef) if self._hnsw_ef is not None else None
         requests = [
             QueryRequest(
                 limit=limit,
                 query=Query.Nearest(vector_list(vector)),
                 filter=condition,
-                with_payload=True,
+                with_payload=with_payload,
+                params=params,
             )
             for vector in vectors
         ]
-        batches = self._shard(collection).query_batch(QueryBatchRequest(requests))
-        return [[_to_hit(scored) for scored in batch] for batch in batches]
+        return self._shard(collection).query_batch(QueryBatchRequest(requests))
 
     def count(self, collection: str) -> int:
         """How many points the collection holds."""
@@ -184,13 +248,25 @@ class EdgeVectorStore:
             EdgeOptimizersConfig,
             EdgeShard,
             EdgeVectorParams,
+            HnswIndexConfig,
         )
 
         optimizers = None
         if self._indexing_threshold_kb is not None:
             optimizers = EdgeOptimizersConfig(indexing_threshold=self._indexing_threshold_kb)
+        hnsw = None
+        if self._hnsw_m is not None or self._hnsw_ef_construct is not None:
+            hnsw = HnswIndexConfig(
+                m=_HNSW_M if self._hnsw_m is None else self._hnsw_m,
+                ef_construct=(
+                    _HNSW_EF_CONSTRUCT
+                    if self._hnsw_ef_construct is None
+                    else self._hnsw_ef_construct
+                ),
+                full_scan_threshold=_HNSW_FULL_SCAN_THRESHOLD_KB,
+            )
         vectors = EdgeVectorParams(size=dim, distance=Distance.Cosine)
-        config = EdgeConfig(vectors=vectors, optimizers=optimizers)
+        config = EdgeConfig(vectors=vectors, optimizers=optimizers, hnsw_config=hnsw)
         return EdgeShard.create(str(directory), config)
 
 
@@ -244,6 +320,13 @@ def _to_point(record: qdrant_edge.Record, *, with_vectors: bool) -> VectorPoint:
     payload = dict(record.payload or {})
     vector = np.asarray(record.vector, dtype=np.float32) if with_vectors else None
     return VectorPoint(key=str(payload["key"]), vector=vector, payload=payload)
+
+
+def _id_int(pid: qdrant_edge.PointId) -> int:
+    """A point id as an int (Edge returns our UUID ids as ``uuid.UUID``)."""
+    if isinstance(pid, uuid.UUID):
+        return pid.int
+    return pid if isinstance(pid, int) else uuid.UUID(pid).int
 
 
 def _to_hit(scored: qdrant_edge.ScoredPoint) -> Hit:

@@ -5,7 +5,7 @@ test double that the congruence tests hold to the same cases as Qdrant Edge.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -114,19 +114,43 @@ class QdrantServerStore:
 
         All vectors go in one ``query_batch_points`` call (one round trip).
         """
+        responses = self._query(collection, vectors, limit, flt, True)
+        return [[_to_hit(scored) for scored in response.points] for response in responses]
+
+    def query_keys(
+        self,
+        collection: str,
+        vectors: Sequence[np.ndarray],
+        limit: int,
+        flt: Filter | None = None,
+    ) -> list[dict[str, float]]:
+        """Keys and scores per query, best first; only the ``key`` payload field is fetched."""
+        responses = self._query(collection, vectors, limit, flt, ["key"])
+        return [
+            {str((s.payload or {})["key"]): float(s.score) for s in response.points}
+            for response in responses
+        ]
+
+    def _query(
+        self,
+        collection: str,
+        vectors: Sequence[np.ndarray],
+        limit: int,
+        flt: Filter | None,
+        with_payload: bool | list[str],
+    ) -> list[Any]:
         from qdrant_client import models
 
-        if not vectors:
+        if not len(vectors):
             return []
         condition = _client_filter(flt)
         requests = [
             models.QueryRequest(
-                query=vector_list(vector), filter=condition, limit=limit, with_payload=True
+                query=vector_list(vector), filter=condition, limit=limit, with_payload=with_payload
             )
             for vector in vectors
         ]
-        responses = self._client.query_batch_points(collection, requests=requests)
-        return [[_to_hit(scored) for scored in response.points] for response in responses]
+        return self._client.query_batch_points(collection, requests=requests)
 
     def count(self, collection: str) -> int:
         """How many points the collection holds."""

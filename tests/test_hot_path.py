@@ -1,0 +1,335 @@
+"""The hot path's shortcuts keep their answers: the cached item table, keys-only vector queries,
+the notices that keep worker caches coherent, and the vectorised ranking and serialisation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from infra.settings import RankingSettings
+from infra.vectors import Filter, VectorPoint, VectorStore
+from infra.vectors.cached import CachedStore
+from infra.vectors.edge import EdgeVectorStore
+from infra.vectors.server import QdrantServerStore
+from models.ranking import ItemInfo, RankInput, explain, explain_all
+from models.recommender import Recommender, UserRequest
+from models.state import Fusion, ReviewRef, UserState, apply_interaction
+from schemas.internal import EncodeRequest, UserUpdate
+from schemas.topics import RECOMMENDATIONS, USER_UPDATES
+from streams.encode import EncodeStep
+from streams.sinks import ITEMS_NOTICE_KEY, Sinks
+from streams.user_state import Tables, UserStateStep
+
+pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
+
+DIM = 16
+TS = 1_700_000_000_000
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _points(n: int = 120, seed: int = 3) -> list[VectorPoint]:
+    vecs = _unit(np.random.default_rng(seed), n)
+    return [
+        VectorPoint(f"i{k}", vecs[k], {"title": f"Item {k}", "available": k % 5 != 0})
+        for k in range(n)
+    ]
+
+
+class _Counting:
+    """A real Edge store that counts the keys read through ``retrieve``."""
+
+    def __init__(self, inner: EdgeVectorStore) -> None:
+        self.inner = inner
+        self.read: list[str] = []
+
+    def retrieve(
+        self, collection: str, keys: Sequence[str], *, with_vectors: bool = True
+    ) -> dict[str, VectorPoint]:
+        self.read.extend(keys)
+        return self.inner.retrieve(collection, keys, with_vectors=with_vectors)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def edge(tmp_path: Path) -> Iterator[EdgeVectorStore]:
+    store = EdgeVectorStore(tmp_path / "qdrant")
+    store.ensure_collection("items", DIM)
+    store.ensure_collection("reviews", DIM)
+    store.upsert("items", _points())
+    yield store
+    store.close()
+
+
+# --- the item table -------------------------------------------------------------------------------
+
+
+def test_cached_store_reads_each_item_once_and_rereads_what_was_written(
+    edge: EdgeVectorStore,
+) -> None:
+    """Repeated reads are served from memory (the backend sees each key once, an absent key
+    included); a write through the cache, or an invalidation for a write made elsewhere, makes
+    the next read return the new vector; other collections are never cached."""
+    counting = _Counting(edge)
+    cache = CachedStore(counting, "items")  # type: ignore[arg-type]
+    first = cache.retrieve("items", ["i1", "i2", "nope"])
+    again = cache.retrieve("items", ["i2", "i1", "nope"])
+    assert sorted(first) == sorted(again) == ["i1", "i2"]
+    assert sorted(counting.read) == ["i1", "i2", "nope"]
+    np.testing.assert_array_equal(again["i1"].vector, edge.retrieve("items", ["i1"])["i1"].vector)
+
+    new = np.zeros(DIM, np.float32)
+    new[0] = 1.0
+    cache.upsert("items", [VectorPoint("i1", new, {"title": "Renamed", "available": True})])
+    cache.upsert("items", [VectorPoint("nope", new, {"title": "Now here", "available": True})])
+    edge.upsert("items", [VectorPoint("i2", new, {"title": "Elsewhere", "available": True})])
+    assert cache.retrieve("items", ["i2"])["i2"].payload["title"] == "Item 2"  # not told yet
+    cache.invalidate(["i2"])
+    got = cache.retrieve("items", ["i1", "i2", "nope"])
+    assert {k: p.payload["title"] for k, p in got.items()} == {
+        "i1": "Renamed",
+        "i2": "Elsewhere",
+        "nope": "Now here",
+    }
+    assert got["i1"].vector is not None
+    assert got["i1"].vector.tolist() == new.tolist()
+    cache.retrieve("reviews", ["r1"])
+    cache.retrieve("reviews", ["r1"])
+    assert counting.read.count("r1") == 2
+
+
+def test_cached_store_stays_within_its_capacity_and_stays_correct(
+    edge: EdgeVectorStore,
+) -> None:
+    """With room for 10 keys, reading 100 distinct items never holds more than 10 and every read
+    still returns the stored point."""
+    cache = CachedStore(edge, "items", capacity=10)
+    for k in range(100):
+        got = cache.retrieve("items", [f"i{k}", f"i{(k * 7) % 100}"])
+        assert got[f"i{k}"].payload["title"] == f"Item {k}"
+        assert len(cache) <= 10
+    with pytest.raises(ValueError, match="capacity"):
+        CachedStore(edge, "items", capacity=0)
+
+
+@pytest.mark.parametrize("backend", ["edge", "server-local"])
+def test_query_keys_gives_the_keys_and_scores_of_query_batch(backend: str, tmp_path: Path) -> None:
+    """On both backends, the keys-only query returns exactly query_batch's keys, in its order,
+    with its scores, under the availability filter; Edge's id-to-key memo answers the same on
+    a second call."""
+    store: VectorStore
+    if backend == "edge":
+        store = EdgeVectorStore(tmp_path / "edge")
+    else:
+        store = QdrantServerStore(QdrantClient(path=str(tmp_path / "local")))
+    store.ensure_collection("items", DIM)
+    store.upsert("items", _points())
+    queries = list(_unit(np.random.default_rng(9), 5))
+    flt = Filter(must_equal={"available": True})
+    full = store.query_batch("items", queries, 12, flt)
+    for _ in range(2):
+        keys = store.query_keys("items", queries, 12, flt)
+        assert [list(k) for k in keys] == [[h.key for h in hits] for hits in full]
+        for k, hits in zip(keys, full, strict=True):
+            np.testing.assert_allclose(list(k.values()), [h.score for h in hits], atol=1e-6)
+    assert all(int(key[1:]) % 5 != 0 for k in keys for key in k)
+    assert store.query_keys("items", [], 5) == []
+    store.close()
+
+
+# --- notices --------------------------------------------------------------------------------------
+
+
+class _Topic:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes, int | None]] = []
+
+    def send_soon(self, *, key: bytes, value: bytes, partition: int | None = None) -> None:
+        self.sent.append((key, value, partition))
+
+
+class _FixedEncoder:
+    """Encodes every text to the same unit vector (the notices, not the maths, are under test)."""
+
+    dim = DIM
+    version = "fixed@1"
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), DIM), np.float32)
+        out[:, 3] = 1.0
+        return out
+
+
+def test_encode_step_announces_changed_items_on_every_partition(edge: EdgeVectorStore) -> None:
+    """After a batch that stores two items and removes one, one items_changed notice naming the
+    three goes to each of the four user-updates partitions."""
+    topic = _Topic()
+    step = EncodeStep(
+        encoder=_FixedEncoder(),  # type: ignore[arg-type]
+        store=edge,
+        items_collection="items",
+        reviews_collection="reviews",
+        sinks=Sinks({USER_UPDATES.name: topic}),
+        executor=ThreadPoolExecutor(1),
+        partitions=4,
+    )
+    kinds: list[tuple[Literal["item", "item_removed"], str]] = [
+        ("item", "i1"),
+        ("item", "new"),
+        ("item_removed", "i2"),
+    ]
+    reqs = [
+        EncodeRequest(event_id=f"e{n}", ts=TS, received_ms=TS, kind=kind, item_id=item, text="x")
+        for n, (kind, item) in enumerate(kinds)
+    ]
+    asyncio.run(step.run([(r, None) for r in reqs]))
+    assert [(key, part) for key, _, part in topic.sent] == [
+        (ITEMS_NOTICE_KEY.encode(), p) for p in range(4)
+    ]
+    assert len({value for _, value, _ in topic.sent}) == 1
+    notice = UserUpdate.model_validate_json(topic.sent[0][1])
+    assert (notice.kind, notice.item_ids) == ("items_changed", ["i1", "i2", "new"])
+
+
+def test_user_state_step_drops_announced_items_and_ranks_with_their_new_state(
+    edge: EdgeVectorStore,
+) -> None:
+    """A recommend step whose item table holds i1 explains lists by i1's title; when another
+    process renames i1, the step keeps its cached copy until the items_changed notice, after
+    which i1 is read again and the reasons quote the new title. The notice makes no list."""
+    cache = CachedStore(edge, "items")
+    cfg = RankingSettings(k=5)
+    step = UserStateStep(
+        tables=Tables(users={}, covisit={}, popularity={}),
+        recommender=Recommender(
+            cache, cfg, Fusion.untrained(cfg.behaviour_weight), "items", "reviews"
+        ),
+        store=cache,
+        reviews_collection="reviews",
+        sinks=Sinks({RECOMMENDATIONS.name: _Topic()}),
+        model_version="test@1",
+        max_recent=50,
+    )
+
+    def titles(n: int) -> set[str]:
+        update = UserUpdate(
+            event_id=f"b{n}",
+            ts=TS + n,
+            received_ms=TS,
+            kind="behavior",
+            user_id="u1",
+            event_type="view",
+            item_id="i1",
+        )
+        (event,) = step.run([update])
+        assert len(event.items) == 5
+        return {r for item in event.items for r in item.reasons if r.startswith("because")}
+
+    assert titles(0) == {"because you viewed “Item 1”"}
+    stored = edge.retrieve("items", ["i1"])["i1"]
+    edge.upsert("items", [VectorPoint("i1", stored.vector, {**stored.payload, "title": "Lute"})])
+    assert titles(1) == {"because you viewed “Item 1”"}  # the cache has not been told
+    notice = UserUpdate(
+        event_id="n1",
+        ts=TS,
+        received_ms=TS,
+        kind="items_changed",
+        user_id=ITEMS_NOTICE_KEY,
+        event_type="items_changed",
+        item_ids=["i1"],
+    )
+    assert step.run([notice]) == []
+    assert titles(2) == {"because you viewed “Lute”"}
+
+
+# --- ranking and serialisation --------------------------------------------------------------------
+
+
+def test_user_state_record_is_compact_and_round_trips() -> None:
+    """A state with views, a purchase, a rating (a weight of its own), a review and an unknown
+    kind comes back equal from its table record; the record of the state without the odd kind is
+    under half the size of the field-by-field ``asdict`` record, which still reads back."""
+    state = UserState()
+    for n, item in enumerate(["B000ASIN01", "B000ASIN02", "B000ASIN03"] * 6):
+        apply_interaction(state, item, "view", TS + n * 1000, None, max_recent=50)
+    apply_interaction(state, "B000ASIN04", "purchase", TS + 60_000, None, max_recent=50)
+    apply_interaction(state, "B000ASIN05", "rating", TS + 61_000, 4.5, max_recent=50)
+    state.reviews.append(ReviewRef("review:e9", "B000ASIN04", "Great strings"))
+    state.last_event_id = "e21"
+    record = state.to_dict()
+    assert UserState.from_dict(json.loads(json.dumps(record))) == state
+    assert record["k"] == "v" * 18 + "pr"
+    compact = len(json.dumps(record, separators=(",", ":")))
+    fields = json.dumps(dataclasses.asdict(state), separators=(",", ":"))
+    assert compact < len(fields) / 2
+    assert UserState.from_dict(json.loads(fields)) == state
+    apply_interaction(state, "B000ASIN06", "wishlist", TS + 62_000, None, max_recent=50)
+    odd = json.loads(json.dumps(state.to_dict()))
+    assert odd["k"][-1] == "wishlist"
+    assert UserState.from_dict(odd) == state
+    assert UserState.from_dict(UserState().to_dict()) == UserState()
+
+
+def test_explain_all_gives_each_items_explain_reasons() -> None:
+    """The batched explanation (one matrix product per kind) gives, for every picked item, the
+    same reasons as explaining it alone: history, review, co-visitation and popularity cases."""
+    rng = np.random.default_rng(5)
+    vecs = _unit(rng, 8)
+    items = {f"x{k}": ItemInfo(f"x{k}", vecs[k], f"Title {k}") for k in range(8)}
+    state = UserState()
+    for k, kind in [(0, "view"), (1, "purchase"), (0, "click")]:
+        apply_interaction(state, f"x{k}", kind, TS + k, None, max_recent=10)
+    reviews = [ReviewRef("r1", "x1", "Lovely"), ReviewRef("r2", "x9", "Odd")]
+    review_vectors = {"r1": _unit(rng, 1)[0]}
+    inp = RankInput(
+        query=vecs[0],
+        history=state.recent,
+        reviews=reviews,
+        exclude=set(),
+        similar={},
+        covisit={"x4": 0.9},
+        covisit_source={"x4": "x1"},
+        lead={"x5": "popular"},
+    )
+    picked = [items[f"x{k}"] for k in range(2, 8)]
+    batched = explain_all(picked, inp, items, review_vectors)
+    assert batched == [explain(p, inp, items, review_vectors) for p in picked]
+    assert batched[2][0] == "often viewed together with “Title 1”"
+    assert batched[3][0] == "popular with other people right now"
+    assert explain_all([], inp, items, review_vectors) == []
+    bare = RankInput(query=None, history=[], reviews=[], exclude=set(), similar={})
+    assert explain_all(picked[:1], bare, items, {}) == [["popular with other people right now"]]
+
+
+def test_recommender_gives_the_same_lists_through_the_cache(edge: EdgeVectorStore) -> None:
+    """The same users ranked over the bare store and over the cached store get identical lists
+    (items, scores and reasons)."""
+    cfg = RankingSettings(k=6)
+
+    def lists(store: VectorStore) -> list[list[tuple[str, float, list[str]]]]:
+        rec = Recommender(store, cfg, Fusion.untrained(cfg.behaviour_weight), "items", "reviews")
+        requests = []
+        for u in range(4):
+            state = UserState()
+            for n in range(5):
+                apply_interaction(state, f"i{u * 11 + n * 3}", "view", TS + n, None, max_recent=50)
+            requests.append(UserRequest(f"u{u}", state, {f"i{u * 11}": {"i50": 3.0, "i51": 1.0}}))
+        out = rec.recommend(requests, {"i60": 5.0, "i61": 2.0})
+        return [[(r.item_id, r.score, r.reasons) for r in ranked] for ranked in out]
+
+    cache = CachedStore(edge, "items")
+    assert lists(edge) == lists(cache) == lists(cache)
