@@ -19,6 +19,7 @@ from models.state import Fusion, UserState, behaviour_vector, history_keys, text
 from models.trained import TrainedModel
 
 COVISIT_SOURCES = 5
+_INFO_MEMO = 200_000  # ItemInfos kept for reuse; matches the item table's default capacity
 
 
 @dataclass(slots=True)
@@ -83,14 +84,34 @@ class Recommender:
         self.weights = Weights(covisit=ranking.covisit_weight, mmr_lambda=ranking.mmr_lambda)
         self.fallback = fusion
         self.model = model  # switch by assigning; a ``recommend`` call uses one model throughout
+        self._infos: dict[str, tuple[VectorPoint, ItemInfo | None]] = {}
 
     @property
     def version(self) -> str:
         return self.model.version if self.model is not None else self.fallback.version
 
     def _items(self, keys: Sequence[str]) -> dict[str, ItemInfo]:
+        """The ranker's view of the stored items among ``keys``.
+
+        A cached store hands back the same point object until the item changes, so each point's
+        :class:`ItemInfo` is built once and reused while the point is the one stored.
+        """
         points = self.store.retrieve(self.items, list(keys)) if keys else {}
-        return {k: info for k, p in points.items() if (info := _info(p)) is not None}
+        memo = self._infos
+        out: dict[str, ItemInfo] = {}
+        for key, point in points.items():
+            seen = memo.get(key)
+            if seen is not None and seen[0] is point:
+                info = seen[1]
+            else:
+                info = _info(point)
+                memo[key] = (point, info)
+            if info is not None:
+                out[key] = info
+        if len(memo) > 2 * max(len(points), _INFO_MEMO):  # keep it near the live catalogue
+            for key in list(memo)[: len(memo) // 2]:
+                del memo[key]
+        return out
 
     def recommend(
         self, requests: Sequence[UserRequest], popular: Mapping[str, float] | None = None
@@ -216,18 +237,17 @@ class Recommender:
         *,
         skip_zero: bool = False,
     ) -> list[dict[str, float]]:
-        """Vector candidates per query, over-fetched by the longest exclusion list."""
+        """Vector candidates per query, each over-fetched by its own exclusion list."""
         asked = [
             i for i, q in enumerate(queries) if q is not None and not (skip_zero and not np.any(q))
         ]
         out: list[dict[str, float]] = [{} for _ in queries]
         if not asked:
             return out
-        longest = max(len(excluded[i]) for i in asked)
         found = self.store.query_keys(  # vectors and titles come from the (cached) item reads
             self.items,
             [queries[i] for i in asked],  # type: ignore[misc]
-            self.cfg.candidates + longest,
+            [self.cfg.candidates + len(excluded[i]) for i in asked],
             Filter(must_equal={"available": True}),
         )
         for i, scores in zip(asked, found, strict=True):

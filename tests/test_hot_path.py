@@ -130,7 +130,7 @@ def test_cached_store_stays_within_its_capacity_and_stays_correct(
 def test_query_keys_gives_the_keys_and_scores_of_query_batch(backend: str, tmp_path: Path) -> None:
     """On both backends, the keys-only query returns exactly query_batch's keys, in its order,
     with its scores, under the availability filter; Edge's id-to-key memo answers the same on
-    a second call."""
+    a second call; a limit per query gives each query its own prefix."""
     store: VectorStore
     if backend == "edge":
         store = EdgeVectorStore(tmp_path / "edge")
@@ -147,6 +147,12 @@ def test_query_keys_gives_the_keys_and_scores_of_query_batch(backend: str, tmp_p
         for k, hits in zip(keys, full, strict=True):
             np.testing.assert_allclose(list(k.values()), [h.score for h in hits], atol=1e-6)
     assert all(int(key[1:]) % 5 != 0 for k in keys for key in k)
+    own = store.query_keys("items", queries, [1, 3, 5, 8, 12], flt)
+    assert [list(k) for k in own] == [
+        [h.key for h in hits][:n] for hits, n in zip(full, [1, 3, 5, 8, 12], strict=True)
+    ]
+    with pytest.raises(ValueError, match="2 limits for 5 queries"):
+        store.query_keys("items", queries, [1, 2], flt)
     assert store.query_keys("items", [], 5) == []
     store.close()
 

@@ -20,6 +20,16 @@ _NAMESPACE = uuid.UUID("6f1c1c52-7f8e-4d7e-9a0b-2f4f5b9d7c11")
 Payload = dict[str, Any]
 
 
+def limits_for(limit: int | Sequence[int], count: int) -> list[int]:
+    """One result limit per query: ``limit`` repeated, or the given list (checked for length)."""
+    if isinstance(limit, int):
+        return [limit] * count
+    out = list(limit)
+    if len(out) != count:
+        raise ValueError(f"{len(out)} limits for {count} queries")
+    return out
+
+
 def point_id(key: str) -> str:
     """The deterministic Qdrant point id (a UUID string) for one of our string keys."""
     return str(uuid.uuid5(_NAMESPACE, key))
@@ -90,11 +100,12 @@ class VectorStore(Protocol):
         self,
         collection: str,
         vectors: Sequence[np.ndarray],
-        limit: int,
+        limit: int | Sequence[int],
         flt: Filter | None = None,
     ) -> list[dict[str, float]]:
         """:meth:`query_batch` as ``{key: score}`` per query, best first, without payloads: for a
-        caller that keeps its own item table and needs only keys and scores."""
+        caller that keeps its own item table and needs only keys and scores. ``limit`` may be
+        one per query."""
 
     def count(self, collection: str) -> int:
         """How many points the collection holds."""

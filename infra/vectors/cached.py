@@ -122,7 +122,7 @@ class CachedStore:
         self,
         collection: str,
         vectors: Sequence[np.ndarray],
-        limit: int,
+        limit: int | Sequence[int],
         flt: Filter | None = None,
     ) -> list[dict[str, float]]:
         return self.inner.query_keys(collection, vectors, limit, flt)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from infra.vectors import INDEXED_FIELDS, stored_payload, vector_list
-from infra.vectors.base import Filter, Hit, VectorPoint, point_id
+from infra.vectors.base import Filter, Hit, VectorPoint, limits_for, point_id
 
 if TYPE_CHECKING:
     import qdrant_edge
@@ -152,7 +152,7 @@ class EdgeVectorStore:
         self,
         collection: str,
         vectors: Sequence[np.ndarray],
-        limit: int,
+        limit: int | Sequence[int],
         flt: Filter | None = None,
     ) -> list[dict[str, float]]:
         """Keys and scores per query, best first, read without payloads.
@@ -178,7 +178,7 @@ class EdgeVectorStore:
         self,
         collection: str,
         vectors: Sequence[np.ndarray],
-        limit: int,
+        limit: int | Sequence[int],
         flt: Filter | None,
         *,
         with_payload: bool,
@@ -191,13 +191,13 @@ class EdgeVectorStore:
         params = SearchParams(hnsw_ef=self._hnsw_ef) if self._hnsw_ef is not None else None
         requests = [
             QueryRequest(
-                limit=limit,
+                limit=n,
                 query=Query.Nearest(vector_list(vector)),
                 filter=condition,
                 with_payload=with_payload,
                 params=params,
             )
-            for vector in vectors
+            for vector, n in zip(vectors, limits_for(limit, len(vectors)), strict=True)
         ]
         return self._shard(collection).query_batch(QueryBatchRequest(requests))
 

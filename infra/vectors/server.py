@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from infra.vectors import INDEXED_FIELDS, stored_payload, vector_list
-from infra.vectors.base import Filter, Hit, VectorPoint, point_id
+from infra.vectors.base import Filter, Hit, VectorPoint, limits_for, point_id
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient, models
@@ -121,7 +121,7 @@ class QdrantServerStore:
         self,
         collection: str,
         vectors: Sequence[np.ndarray],
-        limit: int,
+        limit: int | Sequence[int],
         flt: Filter | None = None,
     ) -> list[dict[str, float]]:
         """Keys and scores per query, best first; only the ``key`` payload field is fetched."""
@@ -135,7 +135,7 @@ class QdrantServerStore:
         self,
         collection: str,
         vectors: Sequence[np.ndarray],
-        limit: int,
+        limit: int | Sequence[int],
         flt: Filter | None,
         with_payload: bool | list[str],
     ) -> list[Any]:
@@ -146,9 +146,9 @@ class QdrantServerStore:
         condition = _client_filter(flt)
         requests = [
             models.QueryRequest(
-                query=vector_list(vector), filter=condition, limit=limit, with_payload=with_payload
+                query=vector_list(vector), filter=condition, limit=n, with_payload=with_payload
             )
-            for vector in vectors
+            for vector, n in zip(vectors, limits_for(limit, len(vectors)), strict=True)
         ]
         return self._client.query_batch_points(collection, requests=requests)
 
