@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo up test test-fast lint check bench bench-e2e clean
+.PHONY: install demo up test test-fast lint check bench bench-e2e bench-memory bench-vectors clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ bench-e2e: $(STAMP)  ## throughput and latency under load, beside Faust's no-op 
 	mkdir -p bench-out
 	$(BIN)/python benchmarks/e2e.py --rate 500 --duration 60 --json bench-out/e2e-500.json
 	$(BIN)/python benchmarks/e2e.py --max --events 20000 --json bench-out/e2e-max.json
+
+bench-memory: $(STAMP)  ## bytes of state per user and per item, projected to a million
+	mkdir -p bench-out
+	$(BIN)/python benchmarks/memory.py --json bench-out/memory.json
+
+bench-vectors: $(STAMP)  ## Qdrant Edge HNSW recall and latency at 100,000 items (1M: see docs)
+	mkdir -p bench-out
+	$(BIN)/python benchmarks/vector_scale.py --items 100000 --json bench-out/vector-scale-100k.json
 
 clean:
 	rm -rf $(VENV) .data bench-out .pytest_cache .mypy_cache .ruff_cache

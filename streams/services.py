@@ -6,6 +6,7 @@ never loads the encoder or opens the vector store).
 
 from __future__ import annotations
 
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -14,12 +15,33 @@ import structlog
 from infra.settings import Settings
 from infra.vectors import VectorStore, open_vector_store
 from infra.vectors.cached import CachedStore
+from infra.vectors.edge import EdgeVectorStore
 from models.encoder import EncoderLoadError, TextEncoder
 from models.recommender import Recommender
 from models.state import Fusion
 from models.trained import TrainedModel, manifest_version
 
 log = structlog.get_logger(__name__)
+
+
+def index_items(store: VectorStore, items: str) -> None:
+    """Build the HNSW index of the items collection of an embedded Qdrant Edge store.
+
+    Edge has no background optimizer and its optimize holds the GIL for its whole run (about a
+    second at 10,000 items, five minutes at a million; docs/vector-scale.md), so a worker does
+    it once when it opens the store, before it consumes anything. Points written later are
+    searched exactly until the next start. A Qdrant server indexes in the background itself.
+    """
+    if not isinstance(store, EdgeVectorStore):
+        return
+    start = time.perf_counter()
+    changed = store.optimize(items)
+    log.info(
+        "items_indexed",
+        collection=items,
+        changed=changed,
+        seconds=round(time.perf_counter() - start, 2),
+    )
 
 
 class Services:
@@ -49,6 +71,7 @@ class Services:
             self.settings.vectors.reviews_collection,
         ):
             store.ensure_collection(name, dim)
+        index_items(store, self.settings.vectors.items_collection)
         return CachedStore(store, self.settings.vectors.items_collection)
 
     def store(self) -> VectorStore:

@@ -141,8 +141,12 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
             if isinstance(store, CachedStore):
                 store.clear()
 
+        ranking = ThreadPoolExecutor(1, thread_name_prefix="recommend")
+
         async def user_state_agent(stream: Any) -> None:
-            await update_user_state(stream, step=user_step, batch_size=batch, batch_wait_s=wait_s)
+            await update_user_state(
+                stream, step=user_step, batch_size=batch, batch_wait_s=wait_s, executor=ranking
+            )
 
         topo.agents[USER_STATE_STEP] = app.agent(topics[USER_UPDATES.name], name=USER_STATE_STEP)(
             user_state_agent

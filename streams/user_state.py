@@ -7,8 +7,10 @@ per touched item, and all users are ranked with one round of batched vector-stor
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Callable, MutableMapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,14 +193,35 @@ class UserStateStep:
             self.sinks.send(Output(ENCODE_REQUESTS, key, request.model_dump_json().encode()))
         log.info("user_forgotten", step=STEP, user_id=user_id, profiles=len(set(reviewed)))
 
+    async def run_async(
+        self, updates: list[UserUpdate], executor: Executor
+    ) -> list[RecommendationEvent]:
+        """:meth:`run` with the ranking on ``executor``: tables and sends stay on the event loop,
+        which meanwhile keeps fetching, so the next batch fills while this one is ranked (and a
+        busier stream coalesces more events into each user's list)."""
+        requests, popular = self.absorb(updates)
+        self._neighbours(requests)
+        loop = asyncio.get_running_loop()
+        lists = await loop.run_in_executor(
+            executor, self.recommender.recommend, [r for r, _ in requests], popular
+        )
+        return self._emit(requests, lists)
+
     def _recommend(
         self, requests: list[tuple[UserRequest, UserUpdate]], popular: dict[str, float]
     ) -> list[RecommendationEvent]:
+        self._neighbours(requests)
+        return self._emit(requests, self.recommender.recommend([r for r, _ in requests], popular))
+
+    def _neighbours(self, requests: list[tuple[UserRequest, UserUpdate]]) -> None:
         for req, _ in requests:
             req.neighbours = {
                 src: n for src in covisit_sources(req.state) if (n := self.tables.covisit.get(src))
             }
-        lists = self.recommender.recommend([r for r, _ in requests], popular)
+
+    def _emit(
+        self, requests: list[tuple[UserRequest, UserUpdate]], lists: list[list[Ranked]]
+    ) -> list[RecommendationEvent]:
         version = self.model_version() if callable(self.model_version) else self.model_version
         events = []
         for (req, trigger), ranked in zip(requests, lists, strict=True):
@@ -214,9 +237,15 @@ class UserStateStep:
 
 
 async def update_user_state(
-    stream: Any, *, step: UserStateStep, batch_size: int, batch_wait_s: float
+    stream: Any,
+    *,
+    step: UserStateStep,
+    batch_size: int,
+    batch_wait_s: float,
+    executor: Executor | None = None,
 ) -> None:
-    """Batch user updates and hand each batch to :class:`UserStateStep`."""
+    """Batch user updates and hand each batch to :class:`UserStateStep` (ranking on
+    ``executor`` when one is given)."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
         batch: list[tuple[UserUpdate, Any]] = []
         for event in events:
@@ -225,7 +254,7 @@ async def update_user_state(
             except ValidationError as exc:
                 step.sinks.dead(stage=STEP, message=event.message, exc=exc)
         if batch:
-            run_or_isolate(step, batch)
+            await run_or_isolate(step, batch, executor)
 
 
 #: Errors that mean "this update cannot be processed", as opposed to infrastructure failures
@@ -233,19 +262,28 @@ async def update_user_state(
 DATA_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 
 
-def run_or_isolate(step: UserStateStep, batch: list[tuple[UserUpdate, Any]]) -> None:
+async def run_or_isolate(
+    step: UserStateStep, batch: list[tuple[UserUpdate, Any]], executor: Executor | None = None
+) -> None:
     """Run the batch; on a data error, run its updates one by one and dead-letter the failures.
 
     Updates applied before the failing one in the batch may be applied again in the retry (the
     co-visitation counts of that batch can count twice); nothing is lost.
     """
+
+    async def run(updates: list[UserUpdate]) -> None:
+        if executor is None:
+            step.run(updates)
+        else:
+            await step.run_async(updates, executor)
+
     try:
-        step.run([up for up, _ in batch])
+        await run([up for up, _ in batch])
         return
     except DATA_ERRORS as exc:
         log.warning("batch_failed", step=STEP, size=len(batch), error=type(exc).__name__)
     for update, message in batch:
         try:
-            step.run([update])
+            await run([update])
         except DATA_ERRORS as exc:
             step.sinks.dead(stage=STEP, message=message, exc=exc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import structlog
 
 from infra.kafka import provision_topics
@@ -10,6 +12,7 @@ from streams.services import Services
 from streams.topology import Role, build_topology
 
 log = structlog.get_logger(__name__)
+SWITCH_INTERVAL_S = 0.0005
 
 
 def run_worker(settings: Settings, role: Role) -> int:
@@ -17,6 +20,9 @@ def run_worker(settings: Settings, role: Role) -> int:
     import faust
 
     provision_topics(settings.kafka)
+    # The ranking thread is CPU-bound; the event loop makes many short socket calls, and after
+    # each it waits for the GIL. At the default 5 ms switch interval it waits most of that time.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     services = Services(settings)
     topo = build_topology(settings, role, services)
     log.info(

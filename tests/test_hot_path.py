@@ -339,3 +339,73 @@ def test_recommender_gives_the_same_lists_through_the_cache(edge: EdgeVectorStor
 
     cache = CachedStore(edge, "items")
     assert lists(edge) == lists(cache) == lists(cache)
+
+
+def test_a_worker_indexes_the_items_it_opens_once(tmp_path: Path) -> None:
+    """Opening the store through the worker's services builds the HNSW index of an items
+    collection large enough to be indexed (8,000 384-d points), so a second optimize finds
+    nothing to do; a collection too small to index is left as it was."""
+    from streams.services import index_items
+
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(8000, 384)).astype(np.float32)
+    store = EdgeVectorStore(tmp_path / "big")
+    store.ensure_collection("items", 384)
+    for lo in range(0, 8000, 2000):
+        store.upsert(
+            "items",
+            [VectorPoint(f"i{n}", vectors[n], {"available": True}) for n in range(lo, lo + 2000)],
+        )
+    index_items(store, "items")
+    assert store.optimize("items") is False
+    store.close()
+    small = EdgeVectorStore(tmp_path / "small")
+    small.ensure_collection("items", 384)
+    small.upsert("items", [VectorPoint("a", vectors[0], {"available": True})])
+    index_items(small, "items")
+    assert small.query_keys("items", [vectors[0]], 1) == [{"a": pytest.approx(1.0, abs=1e-5)}]
+    small.close()
+
+
+def test_ranking_on_an_executor_gives_the_lists_of_the_inline_step(edge: EdgeVectorStore) -> None:
+    """The worker's step ranks on a thread (run_async); for the same updates it writes the same
+    tables and emits the same lists, in the same order, as the inline run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def updates() -> list[UserUpdate]:
+        return [
+            UserUpdate(
+                event_id=f"b{n}",
+                ts=TS + n,
+                received_ms=TS,
+                kind="behavior",
+                user_id=f"u{n % 3}",
+                event_type="click" if n % 2 else "view",
+                item_id=f"i{(n * 7) % 100}",
+            )
+            for n in range(12)
+        ]
+
+    def step() -> tuple[UserStateStep, Tables]:
+        cfg = RankingSettings(k=5)
+        tables = Tables(users={}, covisit={}, popularity={})
+        rec = Recommender(edge, cfg, Fusion.untrained(cfg.behaviour_weight), "items", "reviews")
+        return UserStateStep(
+            tables=tables,
+            recommender=rec,
+            store=edge,
+            reviews_collection="reviews",
+            sinks=Sinks({RECOMMENDATIONS.name: _Topic()}),
+            model_version="test@1",
+            max_recent=50,
+        ), tables
+
+    inline, inline_tables = step()
+    threaded, threaded_tables = step()
+    expected = inline.run(updates())
+    got = asyncio.run(threaded.run_async(updates(), ThreadPoolExecutor(1)))
+    assert [(e.user_id, e.trigger_event_id, e.items) for e in got] == [
+        (e.user_id, e.trigger_event_id, e.items) for e in expected
+    ]
+    assert len(got) == 3
+    assert threaded_tables == inline_tables

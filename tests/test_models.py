@@ -769,9 +769,13 @@ def test_user_state_step_forget_deletes_state_and_emits_nothing(store: EdgeVecto
     assert set(tables.popularity[POPULAR_KEY]) == {"b2"}  # u2's forgotten batch counts nowhere
 
 
-def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(tmp_path) -> None:
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(threaded: bool) -> None:
     """When one update in a batch raises a data error, the others are still applied and only the
-    failing one goes to the dead-letter topic, with its original bytes."""
+    failing one goes to the dead-letter topic, with its original bytes; the same when the
+    ranking runs on an executor thread (the error crosses back to the event loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
     from streams.user_state import run_or_isolate
@@ -793,6 +797,9 @@ def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(tmp_path) ->
             self.applied.extend(u.user_id for u in updates)
             return []
 
+        async def run_async(self, updates, executor):
+            return await asyncio.get_running_loop().run_in_executor(executor, self.run, updates)
+
     def update(user: str) -> UserUpdate:
         return UserUpdate(
             event_id=f"e-{user}",
@@ -806,7 +813,8 @@ def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(tmp_path) ->
 
     step = Flaky()
     batch = [(update(u), SimpleNamespace(value=f"raw-{u}".encode())) for u in ("a", "poison", "b")]
-    run_or_isolate(step, batch)  # type: ignore[arg-type]
+    executor = ThreadPoolExecutor(1) if threaded else None
+    asyncio.run(run_or_isolate(step, batch, executor))  # type: ignore[arg-type]
     assert step.applied == ["a", "b"]
     assert step.dead == [("update-user-state", b"raw-poison")]
 

@@ -5,6 +5,7 @@ The ``store`` fixture runs every case on both backends; numpy brute-force cosine
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -337,6 +338,74 @@ def test_edge_optimize_builds_segments_without_changing_answers(tmp_path: Path) 
     for query, hits in zip(queries, edge.query_batch(ITEMS, queries, limit=10), strict=True):
         _assert_hits_equal(hits, _brute_force(points, query, 10))
     edge.close()
+
+
+HNSW_POINTS = 8000  # 384-d: 12 MB of vectors, above the 10,000 KB below which Edge full-scans
+
+
+@pytest.fixture(scope="module")
+def hnsw_shard(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """An Edge directory whose ``items`` collection holds random 384-d unit vectors (keys
+    ``v<i>``) in an HNSW index built with m=12, ef_construct=64; and those vectors."""
+    path = tmp_path_factory.mktemp("hnsw") / "qdrant"
+    rng = np.random.default_rng(17)
+    vectors = rng.normal(size=(HNSW_POINTS, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    edge = EdgeVectorStore(path, indexing_threshold_kb=1000, hnsw_m=12, hnsw_ef_construct=64)
+    edge.ensure_collection(ITEMS, 384)
+    edge.upsert(ITEMS, [VectorPoint(f"v{i}", v) for i, v in enumerate(vectors)])
+    assert edge.optimize(ITEMS) is True
+    edge.close()
+    return path, vectors
+
+
+def _hnsw_recall(path: Path, vectors: np.ndarray, ef: int, queries: np.ndarray) -> float:
+    """Recall@10 of the shard at ``path`` searched with ``hnsw_ef=ef``, against numpy."""
+    edge = EdgeVectorStore(path, hnsw_ef=ef)
+    batches = edge.query_batch(ITEMS, list(queries), limit=10)
+    edge.close()
+    assert all(len(hits) == 10 for hits in batches)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    found = [
+        {int(h.key[1:]) for h in hits} & set(row.tolist())
+        for hits, row in zip(batches, exact, strict=True)
+    ]
+    return sum(map(len, found)) / exact.size
+
+
+def test_edge_hnsw_settings_persist_and_a_full_ef_search_equals_exact(
+    hnsw_shard: tuple[Path, np.ndarray],
+) -> None:
+    """hnsw_m/ef_construct are written into the shard it creates (a later store's own values do
+    not change them), and with hnsw_ef >= the point count the index returns the exact top-10."""
+    path, vectors = hnsw_shard
+    later = EdgeVectorStore(path, hnsw_m=32, hnsw_ef_construct=200)
+    later.ensure_collection(ITEMS, 384)
+    later.close()
+    persisted = json.loads((path / ITEMS / "edge_config.json").read_text(encoding="utf-8"))
+    assert (persisted["hnsw_config"]["m"], persisted["hnsw_config"]["ef_construct"]) == (12, 64)
+    queries = _unit_rows(np.random.default_rng(23), 5)
+    edge = EdgeVectorStore(path, hnsw_ef=HNSW_POINTS)
+    answers = edge.query_batch(ITEMS, list(queries), limit=10)
+    edge.close()
+    points = [VectorPoint(f"v{i}", v) for i, v in enumerate(vectors)]
+    for query, hits in zip(queries, answers, strict=True):
+        _assert_hits_equal(hits, _brute_force(points, query, 10))
+
+
+def test_edge_hnsw_ef_reaches_the_search(hnsw_shard: tuple[Path, np.ndarray]) -> None:
+    """On the same index a small hnsw_ef finds clearly fewer true neighbours than a large one
+    (so the search follows the graph with the ef given), and still returns ``limit`` hits."""
+    path, vectors = hnsw_shard
+    queries = _unit_rows(np.random.default_rng(29), 20)
+    small, large = (_hnsw_recall(path, vectors, ef, queries) for ef in (10, HNSW_POINTS))
+    assert large == 1.0
+    assert small < 0.8
+
+
+def _unit_rows(rng: np.random.Generator, n: int, dim: int = 384) -> np.ndarray:
+    rows = rng.normal(size=(n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def test_edge_unknown_collection_raises_value_error(tmp_path: Path) -> None:

@@ -63,4 +63,9 @@ def open_vector_store(settings: Settings) -> VectorStore:
         return QdrantServerStore.from_url(vectors.url, api_key=api_key)
     from infra.vectors.edge import EdgeVectorStore
 
-    return EdgeVectorStore(settings.vectors_dir)
+    return EdgeVectorStore(
+        settings.vectors_dir,
+        hnsw_m=vectors.hnsw_m,
+        hnsw_ef_construct=vectors.hnsw_ef_construct,
+        hnsw_ef=vectors.hnsw_ef,
+    )

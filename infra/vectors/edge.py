@@ -13,7 +13,9 @@ Things about Qdrant Edge 0.9 this module relies on (see ``tests/test_vectors.py`
   threshold.
 - ``HnswIndexConfig`` needs ``m``, ``ef_construct`` and ``full_scan_threshold`` together; the HNSW
   settings are persisted with the shard when it is created, so they shape every later
-  ``optimize()``. ``SearchParams(hnsw_ef=...)`` only matters for segments that have an HNSW index.
+  ``optimize()``. ``SearchParams(hnsw_ef=...)`` only matters for indexed segments above
+  ``full_scan_threshold`` (smaller ones are searched exhaustively even when indexed); a query
+  explores max(hnsw_ef, limit) candidates, and without ``hnsw_ef`` the index's ef_construct.
 - Every error is a plain ``Exception``.
 """
 
@@ -50,8 +52,8 @@ class EdgeVectorStore:
     builds an HNSW index; ``hnsw_m`` (edges per node) and ``hnsw_ef_construct`` (candidates while
     building) shape that index. These three only apply to collections this store creates; a
     collection created earlier keeps the settings persisted with it. ``hnsw_ef`` is the number
-    of candidates each query explores in an HNSW segment (None = Edge's default); it applies to
-    every query this store runs.
+    of candidates each query explores in an HNSW segment (at least the query's limit; None =
+    the index's ef_construct); it applies to every query this store runs.
     """
 
     def __init__(
