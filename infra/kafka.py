@@ -82,7 +82,7 @@ def faust_broker_options(kafka: KafkaSettings) -> dict[str, Any]:
     import faust
 
     urls = ";".join(f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(","))
-    options: dict[str, Any] = {"broker": urls}
+    options: dict[str, Any] = {"broker": urls, "producer_linger": kafka.producer_linger_ms / 1000}
     context = None
     if kafka.security_protocol in ("SSL", "SASL_SSL"):
         context = ssl.create_default_context(

@@ -409,3 +409,15 @@ def test_ranking_on_an_executor_gives_the_lists_of_the_inline_step(edge: EdgeVec
     ]
     assert len(got) == 3
     assert threaded_tables == inline_tables
+
+
+def test_the_worker_producer_lingers_as_configured(tmp_path: Path) -> None:
+    """The Faust app takes its producer linger from the Kafka settings (2 ms by default), so a
+    busy worker batches its produced messages instead of one request per message."""
+    from infra.settings import KafkaSettings, Settings
+    from streams.topology import create_app
+
+    default = create_app(Settings(data_dir=tmp_path), "all")
+    assert default.conf.producer_linger == pytest.approx(0.002)
+    tuned = Settings(data_dir=tmp_path, kafka=KafkaSettings(producer_linger_ms=7))
+    assert create_app(tuned, "ingest").conf.producer_linger == pytest.approx(0.007)
