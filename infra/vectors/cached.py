@@ -13,6 +13,10 @@ Coherence:
 - a key the store does not hold is remembered as absent until it is written or announced.
 
 The table holds at most ``capacity`` keys; past that the oldest-cached half is dropped.
+
+Threads: the worker ranks on an executor thread while the event loop applies notices, so reads
+and invalidations may interleave. Each dictionary operation is atomic; a read that fetched a
+point just before another write may keep that older point until the write's notice arrives.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from infra.vectors.base import Filter, Hit, VectorPoint, VectorStore
 
 DEFAULT_CAPACITY = 200_000
+_UNKNOWN = object()  # not held (a held None means the store has no such point)
 
 
 class CachedStore:
@@ -61,18 +66,25 @@ class CachedStore:
 
     def _read(self, keys: Sequence[str]) -> dict[str, VectorPoint]:
         held = self._held
-        missing = [k for k in dict.fromkeys(keys) if k not in held]
+        points: dict[str, VectorPoint | None] = {}
+        missing = []
+        for key in dict.fromkeys(keys):
+            point = held.get(key, _UNKNOWN)  # one lookup: the loop may invalidate meanwhile
+            if point is _UNKNOWN:
+                missing.append(key)
+            else:
+                points[key] = point  # type: ignore[assignment]
         self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
+        self.hits += len(points)
         if missing:
             found = self.inner.retrieve(self.collection, missing)
             overflow = len(held) + len(missing) - self.capacity
-            if overflow > 0:  # drop the oldest-cached half (or more, for a huge read)
-                for old in list(held)[: max(len(held) // 2, overflow)]:
-                    del held[old]
+            if overflow > 0:  # drop the oldest-cached half (or more, for a huge read); pop, as
+                for old in list(held)[: max(len(held) // 2, overflow)]:  # the event loop may
+                    held.pop(old, None)  # invalidate while the ranking thread reads
             for key in missing:
-                held[key] = found.get(key)
-        return {k: p for k in keys if (p := held.get(k)) is not None}
+                points[key] = held[key] = found.get(key)
+        return {k: p for k in keys if (p := points.get(k)) is not None}
 
     # -- the VectorStore interface ---------------------------------------------------------------
 
