@@ -221,7 +221,8 @@ class EncodeStep:
         if removed:
             self.store.delete(self.items, removed)
         if reqs:
-            self._notify([p.key for p in items] + described + removed, reqs[0])
+            changed = [p.key for p in items] + described + removed  # recommend workers cache
+            self.sinks.send_all(items_changed(changed, partitions=self.partitions, origin=reqs[0]))
         summary = {
             "requests": len(batch),
             "encoded": len(done),
@@ -236,17 +237,6 @@ class EncodeStep:
         self, collection: str, reqs: list[EncodeRequest], digests: dict[int, str]
     ) -> dict[str, VectorPoint]:
         return unchanged(self.store, collection, reqs, [digests[id(r)] for r in reqs])
-
-    def _notify(self, keys: list[str], first: EncodeRequest) -> None:
-        """Tell every recommend worker which items changed (they cache items in memory)."""
-        for out in items_changed(
-            keys,
-            partitions=self.partitions,
-            event_id=first.event_id,
-            ts=first.ts,
-            received_ms=first.received_ms,
-        ):
-            self.sinks.send(out)
 
     def _announce_review(self, req: EncodeRequest) -> None:
         update = UserUpdate(

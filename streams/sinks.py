@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from schemas.internal import UserUpdate
+from schemas.internal import EncodeRequest, UserUpdate
 from schemas.serde import dead_letter, encode
 from schemas.topics import DEAD_LETTER, USER_UPDATES, TopicSpec
 
@@ -31,18 +31,19 @@ ITEMS_NOTICE_KEY = "__items__"
 
 
 def items_changed(
-    keys: Iterable[str], *, partitions: int, event_id: str, ts: int, received_ms: int
+    keys: Iterable[str], *, partitions: int, origin: EncodeRequest | UserUpdate
 ) -> list[Output]:
     """An ``items_changed`` notice for each partition of the user-updates topic, so every
-    recommend worker, whichever partitions it holds, drops ``keys`` from its item table."""
+    recommend worker, whichever partitions it holds, drops ``keys`` from its item table. The
+    notice carries the ids and times of ``origin``, the request that changed them."""
     names = sorted(set(keys))
     if not names:
         return []
     value = (
         UserUpdate(
-            event_id=event_id,
-            ts=ts,
-            received_ms=received_ms,
+            event_id=origin.event_id,
+            ts=origin.ts,
+            received_ms=origin.received_ms,
             kind="items_changed",
             user_id=ITEMS_NOTICE_KEY,
             event_type="items_changed",
@@ -64,6 +65,10 @@ class Sinks:
         self._topics[out.spec.name].send_soon(
             key=out.key.encode(), value=out.value, partition=out.partition
         )
+
+    def send_all(self, outs: Iterable[Output]) -> None:
+        for out in outs:
+            self.send(out)
 
     def dead(self, *, stage: str, message: Any, exc: Exception) -> None:
         """Route a rejected input (a Faust message) to the dead-letter topic with its bytes."""

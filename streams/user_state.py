@@ -122,7 +122,8 @@ class UserStateStep:
     def run(self, updates: list[UserUpdate]) -> list[RecommendationEvent]:
         """Update every user in the batch once and emit their fresh lists."""
         requests, popular = self.absorb(updates)
-        return self._recommend(requests, popular)
+        self._neighbours(requests)
+        return self._emit(requests, self.recommender.recommend([r for r, _ in requests], popular))
 
     def absorb(
         self, updates: list[UserUpdate]
@@ -169,14 +170,7 @@ class UserStateStep:
         self.store.delete_where(self.reviews, "user_id", user_id)
         items = self.recommender.items
         reviewed = [str(p.payload.get("item_id")) for p in mine]
-        for out in items_changed(
-            reviewed,
-            partitions=self.partitions,
-            event_id=update.event_id,
-            ts=update.ts,
-            received_ms=update.received_ms,
-        ):
-            self.sinks.send(out)
+        self.sinks.send_all(items_changed(reviewed, partitions=self.partitions, origin=update))
         for point in refresh_profiles(self.store, items, self.reviews, reviewed):
             key = point.key
             request = EncodeRequest(
@@ -206,12 +200,6 @@ class UserStateStep:
             executor, self.recommender.recommend, [r for r, _ in requests], popular
         )
         return self._emit(requests, lists)
-
-    def _recommend(
-        self, requests: list[tuple[UserRequest, UserUpdate]], popular: dict[str, float]
-    ) -> list[RecommendationEvent]:
-        self._neighbours(requests)
-        return self._emit(requests, self.recommender.recommend([r for r, _ in requests], popular))
 
     def _neighbours(self, requests: list[tuple[UserRequest, UserUpdate]]) -> None:
         for req, _ in requests:
