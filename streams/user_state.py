@@ -170,7 +170,6 @@ class UserStateStep:
         self.store.delete_where(self.reviews, "user_id", user_id)
         items = self.recommender.items
         reviewed = [str(p.payload.get("item_id")) for p in mine]
-        self.sinks.send_all(items_changed(reviewed, partitions=self.partitions, origin=update))
         for point in refresh_profiles(self.store, items, self.reviews, reviewed):
             key = point.key
             request = EncodeRequest(
@@ -185,6 +184,8 @@ class UserStateStep:
                 available=bool(point.payload.get("available", True)),
             )
             self.sinks.send(Output(ENCODE_REQUESTS, key, request.model_dump_json().encode()))
+        # after the profiles are rewritten: a worker that drops them now reads the new ones
+        self.sinks.send_all(items_changed(reviewed, partitions=self.partitions, origin=update))
         log.info("user_forgotten", step=STEP, user_id=user_id, profiles=len(set(reviewed)))
 
     async def run_async(

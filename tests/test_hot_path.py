@@ -421,3 +421,47 @@ def test_the_worker_producer_lingers_as_configured(tmp_path: Path) -> None:
     assert default.conf.producer_linger == pytest.approx(0.002)
     tuned = Settings(data_dir=tmp_path, kafka=KafkaSettings(producer_linger_ms=7))
     assert create_app(tuned, "ingest").conf.producer_linger == pytest.approx(0.007)
+
+
+def test_forget_announces_the_rebuilt_profiles_after_writing_them(edge: EdgeVectorStore) -> None:
+    """Forgetting u1 rebuilds the review-described item t from u2's review alone, and the
+    items_changed notice naming t goes to each partition only after that write: a worker that
+    drops t on the notice reads the new profile (1 review), never the old one (2)."""
+    vecs = _unit(np.random.default_rng(4), 3)
+    edge.upsert(
+        "items",
+        [VectorPoint("t", vecs[0], {"title": "t", "text_source": "reviews", "reviews": 2})],
+    )
+    edge.upsert(
+        "reviews",
+        [
+            VectorPoint("review:r1", vecs[1], {"user_id": "u1", "item_id": "t"}),
+            VectorPoint("review:r2", vecs[2], {"user_id": "u2", "item_id": "t"}),
+        ],
+    )
+    seen: list[tuple[int | None, list[str] | None, int]] = []
+
+    class Notices:
+        def send_soon(self, *, key: bytes, value: bytes, partition: int | None = None) -> None:
+            notice = UserUpdate.model_validate_json(value)
+            stored = edge.retrieve("items", ["t"])["t"].payload["reviews"]
+            seen.append((partition, notice.item_ids, stored))
+
+    cfg = RankingSettings(k=5)
+    step = UserStateStep(
+        tables=Tables(users={}, covisit={}, popularity={}),
+        recommender=Recommender(
+            edge, cfg, Fusion.untrained(cfg.behaviour_weight), "items", "reviews"
+        ),
+        store=edge,
+        reviews_collection="reviews",
+        sinks=Sinks({USER_UPDATES.name: Notices(), RECOMMENDATIONS.name: _Topic()}),
+        model_version="test@1",
+        max_recent=50,
+        partitions=2,
+    )
+    forget = UserUpdate(
+        event_id="f1", ts=TS, received_ms=TS, kind="forget", user_id="u1", event_type="forget_user"
+    )
+    assert step.run([forget]) == []
+    assert seen == [(0, ["t"], 1), (1, ["t"], 1)]
