@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo up test test-fast lint check bench bench-e2e bench-memory bench-vectors clean
+.PHONY: install demo up test test-fast lint check bench bench-e2e bench-memory bench-soak bench-vectors clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench-e2e: $(STAMP)  ## throughput and latency under load, beside Faust's no-op 
 bench-memory: $(STAMP)  ## bytes of state per user and per item, projected to a million
 	mkdir -p bench-out
 	$(BIN)/python benchmarks/memory.py --json bench-out/memory.json
+
+bench-soak: $(STAMP)  ## 20 minutes at 100 events/s: worker memory, lag and latency over time
+	mkdir -p bench-out
+	$(BIN)/python benchmarks/soak.py --rate 100 --duration 1200 --users 1000 --items 10000 \
+		--window 30 --json bench-out/soak.json --plot docs/img/soak.png
 
 bench-vectors: $(STAMP)  ## Qdrant Edge HNSW recall and latency at 100,000 items (1M: see docs)
 	mkdir -p bench-out

@@ -3,7 +3,8 @@
 Consumes with the ``recstream-archive`` group and commits offsets only after the rows read so far
 are safely in a file, so a restart continues where the last written file ended (at-least-once: a
 crash between writing and committing can repeat rows, never lose them). Files are written
-atomically: a hidden temporary file, then a rename.
+atomically: a hidden temporary file, then a rename. With ``privacy.scrub_pii`` (the default) a
+review's text is scrubbed of e-mail addresses, phone and card numbers before its row is written.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from consumers.consumer import usable
 from infra.kafka import consumer_config
 from infra.settings import Settings
 from schemas.eventlog import rows_to_frame, to_row
-from schemas.events import ALL_TYPES, INPUT_TYPES, Event
+from schemas.events import ALL_TYPES, INPUT_TYPES, Event, ReviewEvent
+from schemas.privacy import scrub_pii
 from schemas.serde import InvalidEvent, parse_object, validate_object
 from schemas.topics import INPUT_TOPICS, TopicSpec
 
@@ -70,6 +72,16 @@ def decode_message(msg: Message) -> Event:
         raise InvalidEvent("invalid_field", f"{event_type}: {str(exc)[:500]}") from None
 
 
+def archive_row(
+    event: Event, topic: str, partition: int, offset: int, *, scrub: bool = True
+) -> dict[str, Any]:
+    """The event-log row archived for ``event``; a review's text scrubbed when ``scrub``."""
+    row = to_row(event, topic, partition, offset)
+    if scrub and isinstance(event, ReviewEvent):
+        row["text"] = scrub_pii(event.text)
+    return row
+
+
 def next_sequence(out_dir: Path) -> int:
     """One more than the highest file sequence number already in ``out_dir`` (0 if none)."""
     seqs = [int(m.group(2)) for p in out_dir.iterdir() if (m := _FILE_RE.match(p.name))]
@@ -79,8 +91,9 @@ def next_sequence(out_dir: Path) -> int:
 class _Batch:
     """Rows read since the last file, and the offsets to commit once they are written."""
 
-    def __init__(self, out_dir: Path, seq: int) -> None:
+    def __init__(self, out_dir: Path, seq: int, *, scrub: bool = True) -> None:
         self.out_dir = out_dir
+        self.scrub = scrub
         self.seq = seq
         self.rows: list[dict[str, Any]] = []
         self.offsets: dict[tuple[str, int], int] = {}
@@ -103,7 +116,7 @@ class _Batch:
                 error=exc.error_type,
             )
             return
-        self.rows.append(to_row(event, topic, partition, offset))
+        self.rows.append(archive_row(event, topic, partition, offset, scrub=self.scrub))
 
     def age_s(self) -> float:
         return time.monotonic() - self.started if (self.rows or self.offsets) else 0.0
@@ -156,7 +169,7 @@ def archive(
     specs = list(topics) if topics else list(DEFAULT_TOPICS)
     consumer = Consumer(consumer_config(settings.kafka, group_id, **{"enable.auto.commit": False}))
     report = ArchiveReport()
-    batch = _Batch(out_dir, next_sequence(out_dir))
+    batch = _Batch(out_dir, next_sequence(out_dir), scrub=settings.privacy.scrub_pii)
     assigned = threading.Event()
 
     def on_assign(_: Consumer, partitions: list[TopicPartition]) -> None:

@@ -2,7 +2,8 @@
 
 RecommendationConsumer decodes ``recommendations.v1`` into :class:`RecommendationEvent` records,
 optionally for one user, and drops repeats of a (user, trigger event) pair that at-least-once
-delivery can produce.
+delivery can produce. With ``privacy.pseudonym_key`` set, the user's raw id is mapped to the
+pseudonym the producer published it under.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 from infra.kafka import consumer_config
 from infra.settings import Settings
 from schemas.events import RecommendationEvent
+from schemas.privacy import pseudonym_for
 from schemas.serde import InvalidEvent, parse_object
 from schemas.topics import RECOMMENDATIONS, TopicSpec
 
@@ -143,7 +145,8 @@ class RecommendationConsumer:
         from_beginning: bool = True,
         dedupe_window: int = DEDUPE_WINDOW,
     ) -> None:
-        self.user_id = user_id
+        key = settings.privacy.pseudonym_key_bytes()
+        self.user_id = pseudonym_for(user_id, key) if user_id is not None and key else user_id
         self.group_id = group_id or f"recstream-tail-{uuid.uuid4().hex}"
         self.duplicates = 0
         self.undecodable = 0

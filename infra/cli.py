@@ -142,6 +142,11 @@ def _add_client_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
         default=None,
         help="stop after this many seconds without a message",
     )
+    archive.add_argument(
+        "--compact",
+        action="store_true",
+        help="consume nothing: rewrite the archive in --out without the rows of forgotten users",
+    )
     archive.set_defaults(run=_handler("consumers.cli:cli_archive"))
 
 
@@ -266,6 +271,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("producers.publish", "PublishError"),
         ("models.encoder", "EncoderLoadError"),
         ("models.trained", "ModelDirError"),
+        ("infra.vectors.retry", "VectorStoreUnavailable"),
     ):
         try:
             errors.append(getattr(importlib.import_module(module), name))

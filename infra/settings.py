@@ -51,6 +51,12 @@ class VectorSettings(BaseModel):
 
     url: str | None = None
     api_key: SecretStr | None = None
+    # CA bundle that signed a Qdrant server's certificate (an https URL under a private CA)
+    tls_ca: Path | None = None
+    # An unreachable store is retried with backoff, 0.05 s doubling up to this wait, forever
+    # unless a deadline is set (infra/vectors/retry.py, docs/security.md).
+    retry_max_wait_s: float = Field(default=5.0, ge=0.05, le=600.0)
+    retry_deadline_s: float | None = Field(default=None, gt=0.0)
     dim: int = Field(default=384, ge=2, le=8192, description="must match the encoder's width")
     items_collection: str = "items"
     reviews_collection: str = "reviews"
@@ -134,6 +140,30 @@ class StreamSettings(BaseModel):
     web_host: str = "127.0.0.1"
 
 
+class PrivacySettings(BaseModel):
+    """Personal data: scrubbing review text, and pseudonymising user ids at the producer."""
+
+    model_config = _FROZEN
+
+    # Replace e-mail addresses, phone and card numbers in review text with tokens before the text
+    # is encoded (vectors, user-state snippets) and before it is archived (schemas/privacy.py).
+    scrub_pii: bool = True
+    # HMAC-SHA256 key: BehaviorProducer publishes pseudonymise(user_id, key) instead of the raw
+    # id, and RecommendationConsumer maps a raw id it filters by. None = ids pass through.
+    pseudonym_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _key_not_empty(self) -> PrivacySettings:
+        if self.pseudonym_key is not None and not self.pseudonym_key.get_secret_value():
+            raise ValueError("pseudonym_key must not be empty; leave it unset to keep raw ids")
+        return self
+
+    def pseudonym_key_bytes(self) -> bytes | None:
+        """The pseudonym key as bytes (UTF-8), or None when ids pass through."""
+        key = self.pseudonym_key
+        return None if key is None else key.get_secret_value().encode("utf-8")
+
+
 class Settings(BaseSettings):
     """Every setting recstream reads, frozen once built."""
 
@@ -153,6 +183,7 @@ class Settings(BaseSettings):
     ranking: RankingSettings = RankingSettings()
     stream: StreamSettings = StreamSettings()
     serving: ServingSettings = ServingSettings()
+    privacy: PrivacySettings = PrivacySettings()
     # Short top-level aliases named in the design documents.
     bootstrap_servers: str | None = None
     qdrant_url: str | None = None

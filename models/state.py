@@ -7,6 +7,8 @@ of the vectors of the user's recent items; the text vector z is the mean of thei
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,11 @@ CONSUMED_KINDS = frozenset({"purchase", "review", "rating"})
 MAX_CONSUMED = 500
 MAX_REVIEWS = 10
 SNIPPET_CHARS = 60
+#: Event ids remembered per user for de-duplication, in two blocks of this many: between 32 and
+#: 64 of the user's latest events are recognised by id when they arrive again.
+SEEN_BLOCK = 32
+#: Characters of one remembered event id: 30 bits of its BLAKE2b hash, in URL-safe base64.
+SEEN_CHARS = 5
 
 VERBS = {
     "view": "viewed",
@@ -80,6 +87,59 @@ class ReviewRef:
     snippet: str
 
 
+def event_hash(event_id: str) -> str:
+    """The short fingerprint of an event id that :class:`Seen` remembers."""
+    digest = hashlib.blake2b(event_id.encode("utf-8"), digest_size=4).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii")[:SEEN_CHARS]
+
+
+@dataclass(slots=True)
+class Seen:
+    """Which of a user's behaviour events were already applied, so a redelivered or replayed
+    event is not counted twice.
+
+    The latest event ids are kept as fingerprints in two blocks of :data:`SEEN_BLOCK`: ``current``
+    fills up, then becomes ``previous`` and the old ``previous`` is dropped. Dropping a block moves
+    ``horizon`` up to the newest event time it could have held (the user's latest event time when
+    it filled), and an event older than the horizon counts as seen: it is either a repeat of a
+    forgotten event or a straggler older than the user's last 32 to 64 events.
+    """
+
+    current: str = ""  # fingerprints, SEEN_CHARS each, oldest first
+    previous: str = ""
+    previous_ts: int = 0  # the user's latest event time when ``previous`` filled
+    horizon: int = 0  # events older than this count as seen
+
+    def __contains__(self, event: tuple[str, int]) -> bool:
+        event_id, ts = event
+        if ts < self.horizon:
+            return True
+        mark = event_hash(event_id)
+        return any(
+            block[at : at + SEEN_CHARS] == mark
+            for block in (self.current, self.previous)
+            for at in range(0, len(block), SEEN_CHARS)
+        )
+
+    def add(self, event_id: str, last_ts: int) -> None:
+        """Remember an applied event; ``last_ts`` is the user's latest event time after it."""
+        self.current += event_hash(event_id)
+        if len(self.current) >= SEEN_BLOCK * SEEN_CHARS:
+            if self.previous:
+                self.horizon = max(self.horizon, self.previous_ts)
+            self.previous, self.previous_ts, self.current = self.current, last_ts, ""
+
+    def to_list(self) -> list[Any]:
+        return [self.current, self.previous, self.previous_ts, self.horizon]
+
+    @classmethod
+    def from_list(cls, data: Sequence[Any] | None) -> Seen:
+        if not data:
+            return cls()
+        current, previous, previous_ts, horizon = data
+        return cls(str(current), str(previous), int(previous_ts), int(horizon))
+
+
 @dataclass(slots=True)
 class UserState:
     """What recstream remembers about one user."""
@@ -90,6 +150,7 @@ class UserState:
     events: int = 0
     last_ts: int = 0
     last_event_id: str = ""  # the newest behaviour event applied: what a fresh list reflects
+    seen: Seen = field(default_factory=Seen)  # applied event ids, for de-duplication
 
     def to_dict(self) -> dict[str, Any]:
         """The table record: compact plain data (see :data:`KIND_CODES`).
@@ -116,6 +177,8 @@ class UserState:
             out["r"] = [[r.key, r.item_id, r.snippet] for r in self.reviews]
         if self.last_event_id:
             out["e"] = self.last_event_id
+        if self.seen.current or self.seen.previous:
+            out["s"] = self.seen.to_list()
         return out
 
     @classmethod
@@ -141,6 +204,7 @@ class UserState:
             events=int(data["n"]),
             last_ts=last_ts,
             last_event_id=str(data.get("e", "")),
+            seen=Seen.from_list(data.get("s")),
         )
 
     @classmethod
@@ -169,6 +233,7 @@ def apply_interaction(
 
     A repeat of the user's latest item (a review right after the purchase, a click after a view)
     updates that interaction, keeping the stronger kind, instead of counting the item twice.
+    It does not de-duplicate: the stream checks :attr:`UserState.seen` first.
     """
     weight = kind_weight(kind, value)
     last = state.recent[-1] if state.recent else None
@@ -189,11 +254,18 @@ def apply_interaction(
     return before
 
 
-def apply_review(state: UserState, key: str, item_id: str, snippet: str) -> None:
-    """Remember an embedded review of the user's (its vector is stored under ``key``)."""
-    state.reviews = [r for r in state.reviews if r.key != key]
-    state.reviews.append(ReviewRef(key, item_id, snippet[:SNIPPET_CHARS]))
+def apply_review(state: UserState, key: str, item_id: str, snippet: str) -> bool:
+    """Remember an embedded review of the user's (its vector is stored under ``key``); return
+    whether the state changed. A review announced again (a redelivery, a replayed log) keeps its
+    place."""
+    ref = ReviewRef(key, item_id, snippet[:SNIPPET_CHARS])
+    for n, known in enumerate(state.reviews):
+        if known.key == key:
+            state.reviews[n] = ref
+            return known != ref
+    state.reviews.append(ref)
     del state.reviews[:-MAX_REVIEWS]
+    return True
 
 
 def behaviour_vector(

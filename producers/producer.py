@@ -1,7 +1,9 @@
 """BehaviorProducer: typed, validated, idempotent publishing of recstream events to their topics.
 
 Each method builds the event record, validates it with the same code the ingest stage uses, and
-produces it to the topic its ``type`` belongs on, keyed by that topic's key field. Messages are
+produces it to the topic its ``type`` belongs on, keyed by that topic's key field. With
+``privacy.pseudonym_key`` set, every event with a ``user_id`` is published under the id's keyed
+pseudonym (:func:`schemas.privacy.pseudonym_for`), so no raw user id reaches Kafka. Messages are
 batched by librdkafka (``linger.ms``); delivery reports are counted on :attr:`delivered` and
 :attr:`failed`. Use it as a context manager (or call :meth:`close`) so that queued messages are
 delivered and the connections released.
@@ -20,6 +22,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from infra.kafka import producer_config
 from infra.settings import Settings
 from schemas.events import Event
+from schemas.privacy import pseudonym_for
 from schemas.serde import encode, validate_object
 from schemas.topics import topic_for_type
 
@@ -34,6 +37,7 @@ class BehaviorProducer:
         self, settings: Settings, *, source: str | None = None, linger_ms: int = 5
     ) -> None:
         self.source = source
+        self._pseudonym_key = settings.privacy.pseudonym_key_bytes()
         self.delivered = 0
         self.failed = 0
         # producer_config hashes keys like the Java client (murmur2), so events land on the
@@ -149,21 +153,30 @@ class BehaviorProducer:
         """Validate a JSON-contract object and send it; :class:`InvalidEvent` if it is not valid.
 
         The producer's ``source`` fills an absent ``source`` field; ``event_id`` and ``ts`` are
-        generated when absent.
+        generated when absent. Returns the event as published (see :meth:`send`).
         """
         data = dict(obj)
         if self.source is not None and data.get("source") is None:
             data["source"] = self.source
-        event = validate_object(data)
-        self.send(event)
-        return event
+        return self.send(validate_object(data))
 
     def send(self, event: Event) -> Event:
-        """Produce an event record to its type's topic, keyed by that topic's key field."""
+        """Produce an event record to its type's topic, keyed by that topic's key field.
+
+        Returns the event as published: with its user id pseudonymised when a key is set.
+        """
+        event = self._pseudonymised(event)
         spec = topic_for_type(event.type)
         key = str(getattr(event, spec.key)).encode("utf-8")
         self._produce(spec.name, key, encode(event))
         return event
+
+    def _pseudonymised(self, event: Event) -> Event:
+        user_id = getattr(event, "user_id", None)
+        if self._pseudonym_key is None or not isinstance(user_id, str):
+            return event
+        alias = pseudonym_for(user_id, self._pseudonym_key)
+        return event if alias == user_id else event.model_copy(update={"user_id": alias})
 
     def _build(self, event_type: str, ts: int | None, event_id: str | None, **fields: Any) -> Event:
         obj = {"type": event_type, "ts": ts, "event_id": event_id, "source": self.source, **fields}

@@ -20,6 +20,8 @@ MAX_TEXT_CHARS = 20_000
 MAX_TITLE_CHARS = 500
 MAX_ID_CHARS = 256
 MAX_RATING = 5.0
+#: The version of the event records this reader implements (the ``.v1`` topics).
+SCHEMA_VERSION = 1
 
 #: A non-empty identifier with at least one non-space character.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"\S")]
@@ -53,6 +55,10 @@ class Event(BaseModel):
     )
     type: str
     source: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    schema_version: Literal[1] | None = Field(
+        default=None,
+        description="the record version the producer wrote; absent means 1, any other is rejected",
+    )
 
     @field_validator("ts")
     @classmethod

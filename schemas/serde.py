@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.events import INPUT_TYPES, DeadLetter, Event
+from schemas.events import INPUT_TYPES, SCHEMA_VERSION, DeadLetter, Event
 from schemas.topics import topic_for_type
 
 MAX_EVENT_BYTES = 256 * 1024
@@ -71,6 +71,13 @@ def validate_object(obj: dict[str, Any], topic: str | None = None) -> Event:
     if topic is not None and topic != expected:
         raise InvalidEvent(
             "wrong_topic", f"a {event_type!r} event belongs on {expected}, not {topic}"
+        )
+    version = obj.get("schema_version")
+    if version is not None and (type(version) is not int or version != SCHEMA_VERSION):
+        raise InvalidEvent(
+            "wrong_version",
+            f"schema_version {version!r} is not supported; this reader implements version "
+            f"{SCHEMA_VERSION} (topic {expected})",
         )
     try:
         return record.model_validate(obj)

@@ -2,8 +2,9 @@
 removed items, and emits ``review_embedded`` user updates. Items without catalogue text take their
 reviews' profile (:mod:`models.profiles`) once the batch's reviews are stored.
 
-Requests are micro-batched (size or wait time), coalesced per item (the latest version wins) and
-encoded off the event loop. A text the encoder rejects alone is dead-lettered; the rest go on.
+Requests are micro-batched (size or wait time), coalesced per item (the latest version wins),
+encoded and stored off the event loop. A text the encoder rejects alone is dead-lettered; the rest
+go on.
 """
 
 from __future__ import annotations
@@ -180,9 +181,11 @@ class EncodeStep:
         removed = [r.item_id for r in reqs if r.kind == "item_removed"]
         wanted = [r for r in reqs if r.kind != "item_removed"]
         digests = {id(r): text_hash(self.encoder.version, r.text) for r in wanted}
-        kept_items = self._unchanged(self.items, [r for r in wanted if r.kind == "item"], digests)
-        kept_reviews = self._unchanged(
-            self.reviews, [r for r in wanted if r.kind == "review"], digests
+        # Store calls run on the executor: a store that is down retries there (RetryingStore),
+        # and the event loop keeps heartbeating and buffering (bounded) meanwhile.
+        loop = asyncio.get_running_loop()
+        kept_items, kept_reviews = await loop.run_in_executor(
+            self.executor, self._unchanged_both, wanted, digests
         )
         to_encode = [
             r
@@ -205,21 +208,12 @@ class EncodeStep:
             for r, v in zip(done, vectors, strict=True)
             if r.kind == "review"
         ]
-        if items:
-            self.store.upsert(self.items, items)
-        if reviews:
-            self.store.upsert(self.reviews, reviews)
-        described = [p.key for p in items if p.payload["text_source"] == REVIEWS]
-        described += [str(p.payload["item_id"]) for p in reviews]
-        if described:
-            refresh_profiles(self.store, self.items, self.reviews, described)
+        described = await loop.run_in_executor(self.executor, self._write, items, reviews, removed)
         if announce:  # a redelivered review is announced again: the first may have been lost
             stored = {point_key(r) for r in done} | set(kept_reviews)
             for r in wanted:
                 if r.kind == "review" and point_key(r) in stored:
                     self._announce_review(r)
-        if removed:
-            self.store.delete(self.items, removed)
         if reqs:
             changed = [p.key for p in items] + described + removed  # recommend workers cache
             self.sinks.send_all(items_changed(changed, partitions=self.partitions, origin=reqs[0]))
@@ -237,6 +231,31 @@ class EncodeStep:
         self, collection: str, reqs: list[EncodeRequest], digests: dict[int, str]
     ) -> dict[str, VectorPoint]:
         return unchanged(self.store, collection, reqs, [digests[id(r)] for r in reqs])
+
+    def _unchanged_both(
+        self, wanted: list[EncodeRequest], digests: dict[int, str]
+    ) -> tuple[dict[str, VectorPoint], dict[str, VectorPoint]]:
+        """The unchanged items and reviews among ``wanted`` (store reads, off the loop)."""
+        items = self._unchanged(self.items, [r for r in wanted if r.kind == "item"], digests)
+        reviews = self._unchanged(self.reviews, [r for r in wanted if r.kind == "review"], digests)
+        return items, reviews
+
+    def _write(
+        self, items: list[VectorPoint], reviews: list[VectorPoint], removed: list[str]
+    ) -> list[str]:
+        """Store the batch's points, rebuild the review profiles they touch and delete removed
+        items (store writes, off the loop); return the items whose profile was rebuilt."""
+        if items:
+            self.store.upsert(self.items, items)
+        if reviews:
+            self.store.upsert(self.reviews, reviews)
+        described = [p.key for p in items if p.payload["text_source"] == REVIEWS]
+        described += [str(p.payload["item_id"]) for p in reviews]
+        if described:
+            refresh_profiles(self.store, self.items, self.reviews, described)
+        if removed:
+            self.store.delete(self.items, removed)
+        return described
 
     def _announce_review(self, req: EncodeRequest) -> None:
         update = UserUpdate(

@@ -20,6 +20,7 @@ from schemas.events import (
     ReviewEvent,
 )
 from schemas.internal import EncodeRequest, UserUpdate
+from schemas.privacy import scrub_pii
 from schemas.serde import InvalidEvent, decode_input
 from schemas.topics import ENCODE_REQUESTS, USER_UPDATES
 from streams.sinks import Output, Sinks
@@ -38,8 +39,12 @@ def _json(record: Any) -> bytes:
     return record.model_dump_json(exclude_none=True).encode()
 
 
-def route(event: Event, received_ms: int) -> list[Output]:
-    """What one valid input becomes downstream (pure)."""
+def route(event: Event, received_ms: int, *, scrub: bool = True) -> list[Output]:
+    """What one valid input becomes downstream (pure).
+
+    ``scrub``: a review's text is embedded (and its snippet kept in the user's state) only after
+    :func:`schemas.privacy.scrub_pii` has replaced e-mail addresses, phone and card numbers.
+    """
     base: _Envelope = {"event_id": event.event_id, "ts": event.ts, "received_ms": received_ms}
     match event:
         case BehaviorEvent():
@@ -66,7 +71,7 @@ def route(event: Event, received_ms: int) -> list[Output]:
                 kind="review",
                 item_id=event.item_id,
                 user_id=event.user_id,
-                text=event.text,
+                text=scrub_pii(event.text) if scrub else event.text,
                 rating=event.rating,
             )
             return [
@@ -103,13 +108,15 @@ def decode_message(message: Any) -> tuple[Event, int]:
     return decode_input(message.value, topic=message.topic, defaults=defaults), received_ms
 
 
-async def ingest(stream: Any, *, sinks: Sinks, batch_size: int, batch_wait_s: float) -> None:
-    """Validate each input; route it, or dead-letter it and go on."""
+async def ingest(
+    stream: Any, *, sinks: Sinks, batch_size: int, batch_wait_s: float, scrub: bool = True
+) -> None:
+    """Validate each input; route it (review text scrubbed if ``scrub``), or dead-letter it."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
         for event in events:
             try:
                 valid, received_ms = decode_message(event.message)
-                outputs = route(valid, received_ms)
+                outputs = route(valid, received_ms, scrub=scrub)
             except InvalidEvent as exc:
                 sinks.dead(stage=STEP, message=event.message, exc=exc)
                 continue

@@ -73,15 +73,16 @@ class ReencodeReport:
     rejects: list[bytes] = field(default_factory=list)
 
 
-def log_requests(frame: Any) -> list[EncodeRequest]:
+def log_requests(frame: Any, *, scrub: bool = True) -> list[EncodeRequest]:
     """The encode requests the stream made for the log's events, coalesced: the latest request
-    per item (none for a removed item), and every review whose author was not forgotten later."""
+    per item (none for a removed item), and every review whose author was not forgotten later.
+    ``scrub`` is the stream's ``privacy.scrub_pii``, so review texts hash as the stream's did."""
     reqs: list[EncodeRequest] = []
     for event in input_events(frame, ReplayReport()):
         if isinstance(event, ForgetUserEvent):
             reqs = [r for r in reqs if not (r.kind == "review" and r.user_id == event.user_id)]
             continue
-        for out in route(event, event.ts):
+        for out in route(event, event.ts, scrub=scrub):
             if out.spec is ENCODE_REQUESTS:
                 reqs.append(EncodeRequest.model_validate_json(out.value))
     return [r for r in coalesce(reqs) if r.kind != "item_removed"]
@@ -92,7 +93,7 @@ def reencode(
 ) -> ReencodeReport:
     """Encode what is not current; returns the counts. Services it opens itself it closes."""
     started = time.monotonic()
-    reqs = log_requests(load_sorted_log(log_path))
+    reqs = log_requests(load_sorted_log(log_path), scrub=settings.privacy.scrub_pii)
     owned = services is None
     services = services or Services(settings)
     try:

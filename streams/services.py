@@ -16,6 +16,7 @@ from infra.settings import Settings
 from infra.vectors import VectorStore, open_vector_store
 from infra.vectors.cached import CachedStore
 from infra.vectors.edge import EdgeVectorStore
+from infra.vectors.retry import RetryingStore
 from models.encoder import EncoderLoadError, TextEncoder
 from models.recommender import Recommender
 from models.state import Fusion
@@ -59,8 +60,13 @@ class Services:
 
     @cached_property
     def _store(self) -> VectorStore:
-        store = open_vector_store(self.settings)
-        dim = self.settings.vectors.dim
+        backend = open_vector_store(self.settings)
+        vectors = self.settings.vectors
+        # An unreachable store is waited for (backoff, bounded by Faust's buffer), not lost.
+        store = RetryingStore(
+            backend, max_wait_s=vectors.retry_max_wait_s, deadline_s=vectors.retry_deadline_s
+        )
+        dim = vectors.dim
         if "_encoder" in self.__dict__ and self._encoder.dim != dim:
             raise EncoderLoadError(
                 f"the encoder makes {self._encoder.dim}-d vectors but the vector store is set to "
@@ -71,8 +77,8 @@ class Services:
             self.settings.vectors.reviews_collection,
         ):
             store.ensure_collection(name, dim)
-        index_items(store, self.settings.vectors.items_collection)
-        return CachedStore(store, self.settings.vectors.items_collection)
+        index_items(backend, vectors.items_collection)
+        return CachedStore(store, vectors.items_collection)
 
     def store(self) -> VectorStore:
         return self._store

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import faust
@@ -33,7 +34,7 @@ from streams.ingest import STEP as INGEST_STEP
 from streams.ingest import ingest
 from streams.services import Services
 from streams.sinks import Sinks
-from streams.transport import TunedApp
+from streams.transport import TunedApp, read_true_ends
 from streams.user_state import STEP as USER_STATE_STEP
 from streams.user_state import Tables, UserStateStep, update_user_state
 
@@ -62,6 +63,7 @@ def create_app(settings: Settings, role: Role) -> faust.App:
     return TunedApp(
         f"{stream.app_id}-{role}" if role != "all" else stream.app_id,
         fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
+        end_probe=partial(read_true_ends, settings.kafka),
         **faust_broker_options(settings.kafka),
         store="memory://",
         autodiscover=False,
@@ -92,7 +94,13 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
         inputs = app.topic(*(s.name for s in INPUT_TOPICS))
 
         async def validate_input(stream: Any) -> None:
-            await ingest(stream, sinks=sinks, batch_size=batch, batch_wait_s=wait_s)
+            await ingest(
+                stream,
+                sinks=sinks,
+                batch_size=batch,
+                batch_wait_s=wait_s,
+                scrub=settings.privacy.scrub_pii,
+            )
 
         topo.agents[INGEST_STEP] = app.agent(inputs, name=INGEST_STEP)(validate_input)
 

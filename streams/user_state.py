@@ -11,7 +11,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -45,25 +45,40 @@ class Tables:
     popularity: MutableMapping[str, Any]
 
 
-def apply_updates(
-    state: UserState, updates: list[UserUpdate], max_recent: int
-) -> tuple[UserState, list[tuple[str, str]], list[str]]:
-    """Apply one user's updates in order; return the state, co-visit pairs and items touched."""
-    pairs: list[tuple[str, str]] = []
-    touched: list[str] = []
+@dataclass(slots=True)
+class Applied:
+    """What one user's updates in a batch did."""
+
+    state: UserState
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # co-visitation pairs
+    touched: list[str] = field(default_factory=list)  # items interacted with
+    changed: bool = False  # False when every update was a repeat: nothing to write or rank
+    repeats: int = 0  # behaviour events already applied before (redelivered or replayed)
+
+
+def apply_updates(state: UserState, updates: list[UserUpdate], max_recent: int) -> Applied:
+    """Apply one user's updates in order, skipping behaviour events the state has already seen
+    (at-least-once redelivery, a replayed log), so nothing is counted twice."""
+    out = Applied(state)
     for up in updates:
         if up.kind == "forget":
-            state, pairs, touched = UserState(), [], []
+            out = Applied(UserState(), changed=True, repeats=out.repeats)
         elif up.kind == "review_embedded" and up.review_point and up.item_id:
-            apply_review(state, up.review_point, up.item_id, up.review_snippet or "")
+            if apply_review(out.state, up.review_point, up.item_id, up.review_snippet or ""):
+                out.changed = True
         elif up.kind == "behavior" and up.item_id:
+            if (up.event_id, up.ts) in out.state.seen:
+                out.repeats += 1
+                continue
             before = apply_interaction(
-                state, up.item_id, up.event_type, up.ts, up.value, max_recent=max_recent
+                out.state, up.item_id, up.event_type, up.ts, up.value, max_recent=max_recent
             )
-            pairs.extend(covisit_pairs(before, up.item_id))
-            touched.append(up.item_id)
-            state.last_event_id = up.event_id
-    return state, pairs, touched
+            out.state.seen.add(up.event_id, out.state.last_ts)
+            out.pairs.extend(covisit_pairs(before, up.item_id))
+            out.touched.append(up.item_id)
+            out.state.last_event_id = up.event_id
+            out.changed = True
+    return out
 
 
 def recommendation_event(
@@ -118,6 +133,7 @@ class UserStateStep:
         self.model_version = model_version
         self.max_recent = max_recent
         self.partitions = partitions
+        self.repeats = 0  # behaviour events skipped as already applied, since start
 
     def run(self, updates: list[UserUpdate]) -> list[RecommendationEvent]:
         """Update every user in the batch once and emit their fresh lists."""
@@ -129,7 +145,10 @@ class UserStateStep:
         self, updates: list[UserUpdate]
     ) -> tuple[list[tuple[UserRequest, UserUpdate]], dict[str, float]]:
         """Apply the batch to the tables (each user, co-visited item and the popularity written
-        once); return who needs a fresh list, with the update that asked, and the popularity."""
+        once); return who needs a fresh list, with the update that asked, and the popularity.
+
+        A behaviour event the user's state has already seen (a redelivery after a crash, a log
+        replayed twice) is skipped, so neither the state nor the counts take it twice."""
         by_user: dict[str, list[UserUpdate]] = defaultdict(list)
         for up in updates:
             if up.kind == "items_changed":
@@ -144,21 +163,32 @@ class UserStateStep:
             forget = next((u for u in ups if u.kind == "forget"), None)
             if forget is not None:
                 self._forget(forget)
-            state = UserState.from_dict(self.tables.users.get(user_id))
-            state, pairs, touched = apply_updates(state, ups, self.max_recent)
-            for a, b in pairs:
+            applied = apply_updates(
+                UserState.from_dict(self.tables.users.get(user_id)), ups, self.max_recent
+            )
+            if applied.repeats:
+                self.repeats += applied.repeats
+                log.info("repeats_skipped", step=STEP, user_id=user_id, repeats=applied.repeats)
+            if not applied.changed:
+                continue  # every update was a repeat: the state and its list are current
+            for a, b in applied.pairs:
                 neighbour_counts[a].append(b)
-            touched_all.extend(touched)
+            touched_all.extend(applied.touched)
+            state = applied.state
             if not state.events and not state.reviews:
                 continue  # forgotten (or nothing to remember): no state, no recommendation
-            self.tables.users[user_id] = state.to_dict()
             requests.append((UserRequest(user_id, state, {}), ups[-1]))
+        # The counts first, the user states last: a crash between the two changelog writes then
+        # leaves user states that have not seen the batch, so its redelivery is applied again
+        # (the counts of that batch may count twice); the other order would drop them for good.
         for item, others in neighbour_counts.items():
             self.tables.covisit[item] = add_counts(self.tables.covisit.get(item), others)
         popular = self.tables.popularity.get(POPULAR_KEY) or {}
         if touched_all:
             popular = bump_popularity(popular, touched_all)
             self.tables.popularity[POPULAR_KEY] = popular
+        for req, _ in requests:
+            self.tables.users[req.user_id] = req.state.to_dict()
         return requests, popular
 
     def _forget(self, update: UserUpdate) -> None:

@@ -6,19 +6,22 @@ import sys
 
 import structlog
 
-from infra.kafka import provision_topics
+from infra.kafka import provision_topics, wait_for_broker
 from infra.settings import Settings
 from streams.services import Services
 from streams.topology import Role, build_topology
 
 log = structlog.get_logger(__name__)
 SWITCH_INTERVAL_S = 0.0005
+#: How long a starting worker waits for a broker before it stops with one line naming the address.
+BROKER_WAIT_S = 10.0
 
 
 def run_worker(settings: Settings, role: Role) -> int:
     """Provision topics, build the role's topology and run it; returns the exit code."""
     import faust
 
+    wait_for_broker(settings.kafka, BROKER_WAIT_S)  # BrokerUnreachable: one line, exit 1
     provision_topics(settings.kafka)
     # The ranking thread is CPU-bound; the event loop makes many short socket calls, and after
     # each it waits for the GIL. At the default 5 ms switch interval it waits most of that time.

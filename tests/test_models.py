@@ -138,15 +138,17 @@ def test_state_round_trips_through_a_plain_dict() -> None:
     assert UserState.from_dict(None) == UserState()
 
 
-def test_apply_review_replaces_same_key_and_trims_snippet() -> None:
-    """A review key is stored once (latest wins) and its snippet is cut to 60 characters."""
+def test_apply_review_replaces_same_key_in_place_and_trims_snippet() -> None:
+    """A review key is stored once, in its first place (latest snippet wins), a repeat of the
+    same announcement changes nothing, and snippets are cut to 60 characters."""
     state = UserState()
-    apply_review(state, "review:e1", "a", "first")
-    apply_review(state, "review:e2", "b", "x" * 100)
-    apply_review(state, "review:e1", "a", "edited")
+    assert apply_review(state, "review:e1", "a", "first")
+    assert apply_review(state, "review:e2", "b", "x" * 100)
+    assert apply_review(state, "review:e1", "a", "edited")
+    assert not apply_review(state, "review:e1", "a", "edited")
     assert [(r.key, r.snippet) for r in state.reviews] == [
-        ("review:e2", "x" * 60),
         ("review:e1", "edited"),
+        ("review:e2", "x" * 60),
     ]
 
 
@@ -693,10 +695,11 @@ def test_apply_updates_applies_in_order_and_forget_resets() -> None:
         _update("e3", "u", "behavior", "b"),
         _update("e4", "u", "behavior", "c"),
     ]
-    state, pairs, touched = apply_updates(UserState(), ups, max_recent=10)
-    assert [i.item_id for i in state.recent] == ["b", "c"]
-    assert pairs == [("b", "c"), ("c", "b")]
-    assert touched == ["b", "c"]
+    applied = apply_updates(UserState(), ups, max_recent=10)
+    assert [i.item_id for i in applied.state.recent] == ["b", "c"]
+    assert applied.pairs == [("b", "c"), ("c", "b")]
+    assert applied.touched == ["b", "c"]
+    assert (applied.changed, applied.repeats) == (True, 0)
 
 
 def test_user_state_step_applies_each_users_updates_once(store: EdgeVectorStore) -> None:

@@ -60,7 +60,7 @@ def open_vector_store(settings: Settings) -> VectorStore:
         from infra.vectors.server import QdrantServerStore
 
         api_key = vectors.api_key.get_secret_value() if vectors.api_key is not None else None
-        return QdrantServerStore.from_url(vectors.url, api_key=api_key)
+        return QdrantServerStore.from_url(vectors.url, api_key=api_key, tls_ca=vectors.tls_ca)
     from infra.vectors.edge import EdgeVectorStore
 
     return EdgeVectorStore(

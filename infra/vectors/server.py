@@ -5,6 +5,7 @@ test double that the congruence tests hold to the same cases as Qdrant Edge.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,12 +25,32 @@ class QdrantServerStore:
 
     @classmethod
     def from_url(
-        cls, url: str, api_key: str | None = None, *, timeout: int | None = None
+        cls,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout: int | None = None,
+        tls_ca: Path | None = None,
     ) -> QdrantServerStore:
-        """A store talking to the Qdrant server at ``url`` (REST), authenticated by ``api_key``."""
+        """A store talking to the Qdrant server at ``url`` (REST), authenticated by ``api_key``.
+
+        ``tls_ca``: a CA bundle to trust for an ``https`` URL whose certificate a private CA
+        signed (instead of the system's trust store). qdrant-client's background version check
+        uses the system store only, so it is skipped then rather than warn about a failure.
+        """
+        import ssl
+
         from qdrant_client import QdrantClient
 
-        return cls(QdrantClient(url=url, api_key=api_key, timeout=timeout))
+        if tls_ca is None:
+            return cls(QdrantClient(url=url, api_key=api_key, timeout=timeout))
+        if not Path(tls_ca).is_file():
+            raise FileNotFoundError(f"Qdrant CA bundle not found: {tls_ca}")
+        verify = ssl.create_default_context(cafile=str(tls_ca))
+        client = QdrantClient(
+            url=url, api_key=api_key, timeout=timeout, verify=verify, check_compatibility=False
+        )
+        return cls(client)
 
     def ensure_collection(self, name: str, dim: int) -> None:
         """Create the collection if absent (cosine distance) and index the filtered fields."""
