@@ -11,8 +11,8 @@ Three changes to Faust's aiokafka driver, each for a measured or tested reason:
   ``send_soon`` outputs) before it commits consumer offsets, but its flush returns after any
   0.1 s in which no message left the buffer, full or not. Under load an offset could then be
   committed before the state write it depends on was sent, and a ``kill -9`` at that moment lost
-  the write (found by ``tests/test_reliability.py``). :class:`DrainingBuffer` returns only once
-  the buffer is empty.
+  the write (found by ``tests/test_reliability.py``). :class:`DrainingBuffer` waits until the
+  buffer is empty, for at most :data:`FLUSH_DEADLINE_S`.
 - **Changelog ends.** A restarting worker rebuilds its tables by reading each changelog partition
   up to its high watermark. The embedded broker reports the high watermark as one past the
   *first* offset of the partition's last record batch, not past its last record, so recovery
@@ -52,17 +52,24 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         return consumer
 
 
+#: How long a flush waits for the producer buffer to empty before it lets the commit go on.
+FLUSH_DEADLINE_S = 2.0
+
+
 class DrainingBuffer(ProducerBuffer):
-    """Faust's producer buffer with a :meth:`flush` that returns only when nothing is pending."""
+    """Faust's producer buffer with a :meth:`flush` that waits until nothing is pending, for at
+    most :data:`FLUSH_DEADLINE_S` (an unbounded wait can hold the consumer's fetcher, which
+    awaits a commit every ``broker_commit_every`` messages)."""
 
     async def flush(self) -> None:
-        while self.size and self.state == "running":
+        deadline = time.monotonic() + FLUSH_DEADLINE_S
+        while self.size and self.state == "running" and time.monotonic() < deadline:
             self.message_sent.clear()
             try:
                 await asyncio.wait_for(self.message_sent.wait(), timeout=0.1)
             except TimeoutError:
                 continue  # the sender is slow, not done: keep waiting
-        if self.size:  # stopping: Faust's own flush reports what cannot be sent
+        if self.size:  # stopping, or past the deadline: Faust's own flush
             await super().flush()
 
 
