@@ -9,7 +9,6 @@ review's text is scrubbed of e-mail addresses, phone and card numbers before its
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -23,7 +22,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from consumers.consumer import usable
 from infra.kafka import consumer_config
 from infra.settings import Settings
-from schemas.eventlog import rows_to_frame, to_row
+from schemas.eventlog import rows_to_frame, to_row, write_atomically
 from schemas.events import ALL_TYPES, INPUT_TYPES, Event, ReviewEvent
 from schemas.privacy import scrub_pii
 from schemas.serde import InvalidEvent, parse_object, validate_object
@@ -141,9 +140,7 @@ class _Batch:
     def _write_file(self) -> Path:
         first_ts = min(int(row["ts"]) for row in self.rows)
         path = self.out_dir / f"events-{first_ts}-{self.seq:06d}.parquet"
-        tmp = self.out_dir / f".{path.name}.tmp"
-        rows_to_frame(self.rows).write_parquet(tmp)
-        os.replace(tmp, path)
+        write_atomically(rows_to_frame(self.rows), path)
         self.seq += 1
         return path
 

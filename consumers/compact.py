@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 import structlog
+
+from schemas.eventlog import write_atomically
 
 log = structlog.get_logger(__name__)
 
@@ -98,15 +99,6 @@ def forgotten_rows(frame: pl.DataFrame, horizons: dict[str, int]) -> pl.Series:
     return drop.fill_null(False).alias("drop")
 
 
-def _rewrite(path: Path, kept: pl.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        kept.write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def compact_archive(archive_dir: Path) -> CompactionReport:
     """Drop, from every file of the archive in ``archive_dir``, the rows of forgotten users.
 
@@ -127,7 +119,7 @@ def compact_archive(archive_dir: Path) -> CompactionReport:
             path.unlink()
             report.removed.append(path)
         else:
-            _rewrite(path, frame.filter(~drop))
+            write_atomically(frame.filter(~drop), path)
             report.rewritten.append(path)
     log.info(
         "archive_compacted",

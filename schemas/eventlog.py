@@ -8,6 +8,7 @@ the schema stays flat and stable as records gain fields.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,17 @@ def to_row(
 def rows_to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """Event-log rows as a DataFrame with exactly :data:`EVENT_LOG_SCHEMA`."""
     return pl.DataFrame(rows, schema=EVENT_LOG_SCHEMA, orient="row")
+
+
+def write_atomically(frame: pl.DataFrame, path: Path) -> None:
+    """Write ``frame`` to ``path`` as Parquet through a hidden temporary file and a rename, so a
+    reader never sees half a file (the temporary file is removed if writing fails)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def from_row(row: dict[str, Any]) -> Event:

@@ -13,16 +13,15 @@ import math
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from consumers.consumer import RecommendationConsumer
-from infra.kafka import consumer_config, group_progress, producer_config
+from consumers.consumer import RecommendationConsumer, read_topic
+from infra.kafka import group_progress, producer_config
 from infra.settings import Settings
 from infra.vectors import open_vector_store
 from models.covisit import add_counts, bump_popularity
@@ -32,7 +31,14 @@ from schemas.eventlog import rows_to_frame, to_row
 from schemas.events import MAX_TEXT_CHARS, BehaviorEvent, ItemEvent, ReviewEvent, now_ms
 from schemas.internal import UserUpdate
 from schemas.serde import MAX_EVENT_BYTES
-from schemas.topics import BEHAVIOR, CATALOG, ENCODE_REQUESTS, RECOMMENDATIONS, USER_UPDATES
+from schemas.topics import (
+    BEHAVIOR,
+    CATALOG,
+    ENCODE_REQUESTS,
+    RECOMMENDATIONS,
+    USER_UPDATES,
+    TopicSpec,
+)
 from streams.ingest import route
 from streams.user_state import POPULAR_KEY, apply_updates
 from tests.conftest import Stack
@@ -144,24 +150,12 @@ def _read_topic(
     of a partition's last record batch, so reading to it would stop short. With ``before``, only
     messages at lower offsets (of a one-partition topic) are kept.
     """
-    reader = Consumer(
-        consumer_config(settings.kafka, "test-reader-all", **{"enable.auto.commit": False})
-    )
-    try:
-        parts = reader.list_topics(topic, timeout=10).topics[topic].partitions
-        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        out: list[tuple[bytes, bytes | None]] = []
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < 2.0:
-            msg = reader.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            quiet_since = time.monotonic()
-            if before is None or (msg.offset() or 0) < before:
-                out.append((msg.key() or b"", msg.value()))
-        return out
-    finally:
-        reader.close()
+    spec = TopicSpec(topic, "key", "delete", True, "read back by a test")
+    return [
+        (msg.key() or b"", msg.value())
+        for msg in read_topic(settings, spec, timeout_s=2.0)
+        if before is None or (msg.offset() or 0) < before
+    ]
 
 
 def _read_table(settings: Settings, table: str) -> dict[str, Any]:
@@ -191,7 +185,7 @@ def _table_when(
             return rows
 
 
-def _expected_tables(events: Iterable[dict[str, Any]]) -> tuple[dict, dict, dict]:
+def _expected_tables(events: list[dict[str, Any]]) -> tuple[dict, dict, dict]:
     """Users, co-visitation and popularity as the worker should hold them after ``events`` (in
     publish order), folded by the functions the worker runs, each event once."""
     by_user: dict[str, list[UserUpdate]] = defaultdict(list)
@@ -199,16 +193,14 @@ def _expected_tables(events: Iterable[dict[str, Any]]) -> tuple[dict, dict, dict
         for out in route(BehaviorEvent.model_validate(raw), raw["ts"]):
             update = UserUpdate.model_validate_json(out.value)
             by_user[update.user_id].append(update)
-    users, neighbours, touched = {}, defaultdict(list), []
+    users, neighbours = {}, defaultdict(list)
     for user, ups in by_user.items():
         applied = apply_updates(UserState(), ups, max_recent=50)
         users[user] = applied.state.to_dict()
         for a, b in applied.pairs:
             neighbours[a].append(b)
-    order = [raw["item_id"] for raw in events]
-    touched.extend(order)
     covisit = {item: add_counts(None, others) for item, others in neighbours.items()}
-    return users, covisit, bump_popularity(None, touched)
+    return users, covisit, bump_popularity(None, [raw["item_id"] for raw in events])
 
 
 def _wait_settled(stack: Stack, behaviour_total: int, timeout_s: float = 180.0) -> None:
