@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_commands(sub)
     _add_client_commands(sub)
     _add_data_commands(sub)
+    doctor = sub.add_parser("doctor", help="check broker, topics, vector store, encoder and GPU")
+    doctor.add_argument("--timeout", type=_positive, default=5.0, help="seconds per network check")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.set_defaults(run=_handler("infra.doctor:cli_doctor"))
     schemas = sub.add_parser("schemas", help="event contracts")
     schemas_sub = schemas.add_subparsers(
         dest="schemas_command", required=True, parser_class=_Parser

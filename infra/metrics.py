@@ -1,8 +1,9 @@
-"""Named counters and gauges with labels, in a plain thread-safe registry.
+"""Named counters, gauges and histograms with labels, in a plain thread-safe registry.
 
-Nothing here serves them yet: :meth:`Registry.snapshot` returns every sample as plain data, which
-a Prometheus endpoint (or a test) can read. Names follow Prometheus conventions:
-``recstream_<thing>_total`` for counters, label names are identifiers.
+:meth:`Registry.snapshot` returns every counter and gauge as plain data (for tests and logs);
+:func:`render` writes the whole registry in Prometheus' text format, which each worker serves
+at ``GET /metrics`` (streams/web.py). Names follow Prometheus conventions:
+``recstream_<thing>_total`` for counters, ``_seconds`` for durations, label names are identifiers.
 
 ``REGISTRY`` is the process's registry (one worker process, one set of figures, as in
 prometheus_client); components take a ``registry`` argument so tests can pass a fresh one.
@@ -10,12 +11,15 @@ prometheus_client); components take a ``registry`` argument so tests can pass a 
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
-Kind = Literal["counter", "gauge"]
+Kind = Literal["counter", "gauge", "histogram"]
 Labels = tuple[tuple[str, str], ...]
 
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
@@ -70,19 +74,105 @@ class Gauge(_Metric):
         self.inc(-amount)
 
 
+#: Bucket bounds (seconds) for latencies from a millisecond to half a minute.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+#: Bucket bounds for batch sizes.
+SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Histogram:
+    """Observations counted into buckets by upper bound, with their sum and count."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        bounds = sorted(float(b) for b in buckets)
+        if not bounds or any(math.isnan(b) for b in bounds):
+            raise ValueError("a histogram needs at least one bucket bound, none NaN")
+        self.bounds: tuple[float, ...] = tuple(b for b in bounds if b != math.inf)
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)
+        with self._lock:
+            self._counts[i] += 1
+            self._sum += value
+
+    @property
+    def value(self) -> float:
+        """How many observations (what :meth:`Registry.snapshot` reports for a histogram)."""
+        with self._lock:
+            return float(sum(self._counts))
+
+    def state(self) -> tuple[list[tuple[float, int]], float, int]:
+        """Cumulative counts per upper bound (ending with +Inf), the sum and the count."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, n in zip((*self.bounds, math.inf), counts, strict=True):
+            running += n
+            cumulative.append((bound, running))
+        return cumulative, total, running
+
+
 class Registry:
     """Metrics by name and labels; the same name and labels always give the same metric."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kinds: dict[str, Kind] = {}
-        self._metrics: dict[tuple[str, Labels], _Metric] = {}
+        self._metrics: dict[tuple[str, Labels], _Metric | Histogram] = {}
+        self._collectors: list[Callable[[], None]] = []
 
     def counter(self, name: str, **labels: str) -> Counter:
         return cast(Counter, self._get(name, "counter", labels))
 
     def gauge(self, name: str, **labels: str) -> Gauge:
         return cast(Gauge, self._get(name, "gauge", labels))
+
+    def histogram(
+        self, name: str, buckets: Sequence[float] = LATENCY_BUCKETS, **labels: str
+    ) -> Histogram:
+        """The histogram ``name`` with ``labels``; ``buckets`` is used when it is first made."""
+        return cast(Histogram, self._get(name, "histogram", labels, buckets))
+
+    def add_collector(self, collect: Callable[[], None]) -> None:
+        """Call ``collect`` before each :func:`render`: for gauges read on demand (lag, say)."""
+        with self._lock:
+            self._collectors.append(collect)
+
+    def collect(self) -> None:
+        with self._lock:
+            collectors = list(self._collectors)
+        for collect in collectors:
+            collect()
+
+    def histograms(self) -> list[tuple[str, Labels, Histogram]]:
+        with self._lock:
+            return [
+                (name, labels, metric)
+                for (name, labels), metric in sorted(self._metrics.items())
+                if isinstance(metric, Histogram)
+            ]
+
+    def kind(self, name: str) -> Kind | None:
+        with self._lock:
+            return self._kinds.get(name)
 
     def value(self, name: str, **labels: str) -> float:
         """The current value of ``name`` with exactly ``labels``; 0 if it was never touched."""
@@ -91,13 +181,19 @@ class Registry:
         return metric.value if metric is not None else 0.0
 
     def snapshot(self) -> list[Sample]:
-        """Every metric's current value, sorted by name and labels."""
+        """Every metric's current value, sorted by name and labels (a histogram's is its count)."""
         with self._lock:
             items = sorted(self._metrics.items())
             kinds = dict(self._kinds)
         return [Sample(name, kinds[name], labels, metric.value) for (name, labels), metric in items]
 
-    def _get(self, name: str, kind: Kind, labels: dict[str, str]) -> _Metric:
+    def _get(
+        self,
+        name: str,
+        kind: Kind,
+        labels: dict[str, str],
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> _Metric | Histogram:
         if not _NAME.fullmatch(name):
             raise ValueError(f"invalid metric name {name!r}")
         bad = [label for label in labels if not _LABEL.fullmatch(label)]
@@ -110,7 +206,12 @@ class Registry:
                 raise ValueError(f"metric {name!r} is a {known}, not a {kind}")
             metric = self._metrics.get(key)
             if metric is None:
-                metric = self._metrics[key] = Counter() if kind == "counter" else Gauge()
+                made: _Metric | Histogram
+                if kind == "histogram":
+                    made = Histogram(buckets)
+                else:
+                    made = Counter() if kind == "counter" else Gauge()
+                metric = self._metrics[key] = made
             return metric
 
 
@@ -132,6 +233,52 @@ def gauge(name: str, **labels: str) -> Gauge:
     return REGISTRY.gauge(name, **labels)
 
 
+def histogram(name: str, buckets: Sequence[float] = LATENCY_BUCKETS, **labels: str) -> Histogram:
+    """The histogram ``name`` with ``labels`` in the process's registry."""
+    return REGISTRY.histogram(name, buckets, **labels)
+
+
 def snapshot() -> list[Sample]:
     """Every sample in the process's registry."""
     return REGISTRY.snapshot()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_labels(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    pairs = (*labels, *extra)
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def render(registry: Registry = REGISTRY) -> str:
+    """The registry in Prometheus' text exposition format (version 0.0.4)."""
+    registry.collect()
+    lines: list[str] = []
+    typed: set[str] = set()
+    for sample in registry.snapshot():
+        if sample.kind == "histogram":
+            continue
+        if sample.name not in typed:
+            typed.add(sample.name)
+            lines.append(f"# TYPE {sample.name} {sample.kind}")
+        lines.append(f"{sample.name}{_format_labels(sample.labels)} {_number(sample.value)}")
+    for name, labels, hist in registry.histograms():
+        if name not in typed:
+            typed.add(name)
+            lines.append(f"# TYPE {name} histogram")
+        buckets, total, count = hist.state()
+        for bound, n in buckets:
+            lines.append(f"{name}_bucket{_format_labels(labels, (('le', _number(bound)),))} {n}")
+        lines.append(f"{name}_sum{_format_labels(labels)} {_number(total)}")
+        lines.append(f"{name}_count{_format_labels(labels)} {count}")
+    return "\n".join(lines) + "\n"

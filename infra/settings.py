@@ -123,6 +123,9 @@ class ServingSettings(BaseModel):
     watch_s: float = Field(
         default=5.0, ge=0.0, description="seconds between checks of model_dir; 0 = never reload"
     )
+    # The latest list sent per user, kept (as its bytes) by the worker that owns the user for
+    # GET /users/{id}/recommendations; older users' lists are computed again on request.
+    latest_lists: int = Field(default=10_000, ge=0, le=10_000_000)
 
 
 class StreamSettings(BaseModel):
@@ -138,6 +141,10 @@ class StreamSettings(BaseModel):
     buffer_maxsize: int = Field(default=4096, ge=1, le=1_000_000)
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_host: str = "127.0.0.1"
+    # The URL other workers use to reach this one's web server (REST requests for users whose
+    # partitions this worker owns are forwarded here). None: http://<web_host>:<web_port>, with
+    # the machine's host name when web_host listens on every interface.
+    advertised_url: str | None = None
 
 
 class PrivacySettings(BaseModel):

@@ -25,6 +25,7 @@ from models.profiles import REVIEWS, refresh_profiles, text_source
 from models.state import SNIPPET_CHARS, review_key
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.topics import USER_UPDATES
+from streams.observe import count_events, encoded
 from streams.sinks import Output, Sinks, items_changed
 
 if TYPE_CHECKING:
@@ -143,7 +144,9 @@ class EncodeStep:
 
     async def _encode(self, texts: list[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.encoder.encode, texts)
+        vectors = await loop.run_in_executor(self.executor, self.encoder.encode, texts)
+        encoded(len(texts))
+        return vectors
 
     async def encode_each(
         self, reqs: list[EncodeRequest], messages: list[Any]
@@ -279,6 +282,7 @@ async def encode_text(
 ) -> None:
     """Micro-batch encode requests and hand each batch to :class:`EncodeStep`."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
+        count_events(STEP, events)
         batch = []
         for event in events:
             try:

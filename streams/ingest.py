@@ -23,6 +23,7 @@ from schemas.internal import EncodeRequest, UserUpdate
 from schemas.privacy import scrub_pii
 from schemas.serde import InvalidEvent, decode_input
 from schemas.topics import ENCODE_REQUESTS, USER_UPDATES
+from streams.observe import count_events
 from streams.sinks import Output, Sinks
 
 STEP = "validate-input"
@@ -113,6 +114,7 @@ async def ingest(
 ) -> None:
     """Validate each input; route it (review text scrubbed if ``scrub``), or dead-letter it."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
+        count_events(STEP, events)
         for event in events:
             try:
                 valid, received_ms = decode_message(event.message)

@@ -11,6 +11,7 @@ import structlog
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.serde import dead_letter, encode
 from schemas.topics import DEAD_LETTER, USER_UPDATES, TopicSpec
+from streams.observe import dead_lettered
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,21 @@ def items_changed(
     return [Output(USER_UPDATES, ITEMS_NOTICE_KEY, value, p) for p in range(partitions)]
 
 
+def user_update_key(user_id: str) -> bytes:
+    """The key of a user's messages on the user-update topic: the user id as Faust's tables
+    serialise their keys (JSON).
+
+    The user-state table writes each user to the changelog partition its serialised key hashes
+    to, and Faust routes a REST request for a user by the same hash. Keying the user updates the
+    same way puts a user's updates, state and requests on one partition, so one worker owns all
+    three; raw keys would hash many users to another partition than their state (with more than
+    one partition).
+    """
+    from faust.serializers import codecs  # a worker-only dependency
+
+    return bytes(codecs.dumps("json", user_id))
+
+
 class Sinks:
     """Non-blocking sends (Faust ``send_soon``) to the topics an agent may write."""
 
@@ -62,9 +78,8 @@ class Sinks:
         self._topics = topics
 
     def send(self, out: Output) -> None:
-        self._topics[out.spec.name].send_soon(
-            key=out.key.encode(), value=out.value, partition=out.partition
-        )
+        key = user_update_key(out.key) if out.spec is USER_UPDATES else out.key.encode()
+        self._topics[out.spec.name].send_soon(key=key, value=out.value, partition=out.partition)
 
     def send_all(self, outs: Iterable[Output]) -> None:
         for out in outs:
@@ -80,10 +95,13 @@ class Sinks:
             raw=message.value,
             exc=exc,
         )
+        dead_lettered(stage, letter.error_type)
         log.warning(
             "dead_lettered",
             step=stage,
+            event_id=letter.event_id,  # the dead letter's own id on the dead-letter topic
             topic=message.topic,
+            partition=message.partition,
             offset=message.offset,
             error=letter.error_type,
         )

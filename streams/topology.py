@@ -17,6 +17,7 @@ update-user-state, ``all`` runs every agent in one worker.
 from __future__ import annotations
 
 import asyncio
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,11 +33,13 @@ from schemas.topics import ALL_TOPICS, ENCODE_REQUESTS, INPUT_TOPICS, USER_UPDAT
 from streams.encode import EncodeStep, encode_text
 from streams.ingest import STEP as INGEST_STEP
 from streams.ingest import ingest
+from streams.observe import serving, watch_consumer
 from streams.services import Services
 from streams.sinks import Sinks
 from streams.transport import TunedApp, read_true_ends
 from streams.user_state import STEP as USER_STATE_STEP
 from streams.user_state import Tables, UserStateStep, update_user_state
+from streams.web import register_health, register_reads
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +56,23 @@ class Topology:
     services: Services
     agents: dict[str, Any] = field(default_factory=dict)
     tables: Tables | None = None
+
+
+def advertised_url(settings: Settings) -> str:
+    """The URL other workers forward REST requests to: ``stream.advertised_url``, or built from
+    the web host and port. For an every-interface host it names this machine's address as its
+    host name resolves (in a container or a pod, the address the others reach it at)."""
+    stream = settings.stream
+    if stream.advertised_url:
+        return stream.advertised_url
+    host = stream.web_host
+    if host in ("0.0.0.0", "::", ""):
+        name = socket.gethostname()
+        try:
+            host = socket.gethostbyname(name)
+        except OSError:
+            host = name
+    return f"http://{host}:{stream.web_port or 6066}"
 
 
 def create_app(settings: Settings, role: Role) -> faust.App:
@@ -78,6 +98,7 @@ def create_app(settings: Settings, role: Role) -> faust.App:
         web_enabled=stream.web_port > 0,
         web_port=stream.web_port or 6066,
         web_bind=stream.web_host,
+        canonical_url=advertised_url(settings),
         datadir=str(datadir),
     )
 
@@ -89,6 +110,7 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
     sinks = Sinks(topics)
     topo = Topology(app, role, services)
     batch, wait_s = settings.stream.batch_size, settings.stream.batch_wait_ms / 1000
+    web = settings.stream.web_port > 0
 
     if role in ("all", "ingest"):
         inputs = app.topic(*(s.name for s in INPUT_TOPICS))
@@ -139,6 +161,7 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
             model_version=services.model_version,
             max_recent=settings.ranking.recent_items,
             partitions=settings.kafka.partitions,
+            latest_lists=settings.serving.latest_lists,
         )
 
         @app.on_partitions_assigned.connect
@@ -160,6 +183,15 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
             user_state_agent
         )
         topo.tables = tables
+        serving(services.recommender().version, services.model_version())
+        if web:
+            register_reads(
+                app,
+                step=user_step,
+                store=services.store(),
+                items_collection=settings.vectors.items_collection,
+                executor=ranking,
+            )
         if settings.serving.model_dir is not None and settings.serving.watch_s > 0:
 
             @app.timer(settings.serving.watch_s, name="watch-model")
@@ -170,6 +202,10 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
                 )
                 if model is not None:
                     services.recommender().model = model
+                    serving(model.version, services.model_version())
                     log.info("model_switched", version=model.version)
 
+    if web:
+        register_health(app, user_routes=role in ("all", "recommend"))
+    watch_consumer(app)
     return topo

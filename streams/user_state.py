@@ -8,7 +8,7 @@ per touched item, and all users are ranked with one round of batched vector-stor
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from schemas.events import RecommendationEvent, RecommendedItem, now_ms
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.serde import encode
 from schemas.topics import ENCODE_REQUESTS, RECOMMENDATIONS
+from streams.observe import count_events, recommended
 from streams.sinks import Output, Sinks, items_changed
 
 STEP = "update-user-state"
@@ -122,9 +123,11 @@ class UserStateStep:
         model_version: str | Callable[[], str],
         max_recent: int,
         partitions: int = 0,
+        latest_lists: int = 0,
     ) -> None:
         """``partitions``: how many partitions the user-updates topic has, for the notices that
-        name items whose profiles a forget rebuilt (0 sends none)."""
+        name items whose profiles a forget rebuilt (0 sends none). ``latest_lists``: how many
+        users' latest lists to keep for :meth:`latest` (the least recently updated go first)."""
         self.tables = tables
         self.recommender = recommender
         self.store = store
@@ -134,6 +137,46 @@ class UserStateStep:
         self.max_recent = max_recent
         self.partitions = partitions
         self.repeats = 0  # behaviour events skipped as already applied, since start
+        self.latest_lists = latest_lists
+        self._latest: OrderedDict[str, bytes] = OrderedDict()
+
+    def latest(self, user_id: str) -> bytes | None:
+        """The encoded latest list sent for ``user_id`` by this worker, if it still keeps it."""
+        return self._latest.get(user_id)
+
+    def _keep(self, user_id: str, encoded: bytes) -> None:
+        if self.latest_lists <= 0:
+            return
+        kept = self._latest
+        kept[user_id] = encoded
+        kept.move_to_end(user_id)
+        while len(kept) > self.latest_lists:
+            kept.popitem(last=False)
+
+    def fresh_list(self, user_id: str) -> RecommendationEvent | None:
+        """A list ranked now from the user's state in the tables (None for an unknown user, or
+        when nothing is recommendable); it names the newest event in the state as its trigger.
+        It only reads the tables, so the ranking thread may run it."""
+        state = UserState.from_dict(self.tables.users.get(user_id))
+        if not state.events and not state.reviews:
+            return None
+        request = UserRequest(user_id, state, self._neighbours_of(state))
+        ranked = self.recommender.recommend(
+            [request], self.tables.popularity.get(POPULAR_KEY) or {}
+        )[0]
+        if not ranked:
+            return None
+        version = self.model_version() if callable(self.model_version) else self.model_version
+        return RecommendationEvent(
+            user_id=user_id,
+            trigger_event_id=state.last_event_id or user_id,
+            model_version=version,
+            latency_ms=0.0,
+            items=[
+                RecommendedItem(item_id=r.item_id, rank=n, score=r.score, reasons=r.reasons)
+                for n, r in enumerate(ranked, start=1)
+            ],
+        )
 
     def run(self, updates: list[UserUpdate]) -> list[RecommendationEvent]:
         """Update every user in the batch once and emit their fresh lists."""
@@ -196,6 +239,7 @@ class UserStateStep:
         part of; an item left with no review is sent back to the encoder for its own text."""
         user_id = update.user_id
         self.tables.users.pop(user_id, None)
+        self._latest.pop(user_id, None)
         mine = self.store.points_where(self.reviews, "user_id", user_id, limit=FORGET_REVIEWS)
         self.store.delete_where(self.reviews, "user_id", user_id)
         items = self.recommender.items
@@ -216,7 +260,13 @@ class UserStateStep:
             self.sinks.send(Output(ENCODE_REQUESTS, key, request.model_dump_json().encode()))
         # after the profiles are rewritten: a worker that drops them now reads the new ones
         self.sinks.send_all(items_changed(reviewed, partitions=self.partitions, origin=update))
-        log.info("user_forgotten", step=STEP, user_id=user_id, profiles=len(set(reviewed)))
+        log.info(
+            "user_forgotten",
+            step=STEP,
+            user_id=user_id,
+            event_id=update.event_id,
+            profiles=len(set(reviewed)),
+        )
 
     async def run_async(
         self, updates: list[UserUpdate], executor: Executor
@@ -234,9 +284,11 @@ class UserStateStep:
 
     def _neighbours(self, requests: list[tuple[UserRequest, UserUpdate]]) -> None:
         for req, _ in requests:
-            req.neighbours = {
-                src: n for src in covisit_sources(req.state) if (n := self.tables.covisit.get(src))
-            }
+            req.neighbours = self._neighbours_of(req.state)
+
+    def _neighbours_of(self, state: UserState) -> dict[str, Any]:
+        covisit = self.tables.covisit
+        return {src: n for src in covisit_sources(state) if (n := covisit.get(src))}
 
     def _emit(
         self, requests: list[tuple[UserRequest, UserUpdate]], lists: list[list[Ranked]]
@@ -245,12 +297,20 @@ class UserStateStep:
         events = []
         for (req, trigger), ranked in zip(requests, lists, strict=True):
             if not ranked:  # nothing recommendable yet (e.g. the catalogue is still embedding)
-                log.info("nothing_to_recommend", step=STEP, user_id=req.user_id)
+                log.info(
+                    "nothing_to_recommend",
+                    step=STEP,
+                    user_id=req.user_id,
+                    event_id=trigger.event_id,
+                )
                 continue
             event = recommendation_event(
                 req.user_id, trigger, ranked, version, req.state.last_event_id
             )
-            self.sinks.send(Output(RECOMMENDATIONS, req.user_id, encode(event)))
+            encoded = encode(event)
+            self.sinks.send(Output(RECOMMENDATIONS, req.user_id, encoded))
+            self._keep(req.user_id, encoded)
+            recommended(event.latency_ms / 1000)
             events.append(event)
         return events
 
@@ -266,6 +326,7 @@ async def update_user_state(
     """Batch user updates and hand each batch to :class:`UserStateStep` (ranking on
     ``executor`` when one is given)."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
+        count_events(STEP, events)
         batch: list[tuple[UserUpdate, Any]] = []
         for event in events:
             try:

@@ -17,6 +17,24 @@ from schemas.topics import DEAD_LETTER, RECOMMENDATIONS, topic_for_type
 from streams.spawn import spawn_worker, stop_process
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CATALOGUE_TS = 1_700_000_000_000
+KINDS = ("star maps and telescopes", "chemistry glassware", "microscope slides")
+
+
+def catalogue(count: int) -> list[dict]:
+    """``count`` item events in three kinds (``i0``, ``i3``, ... are telescopes), ids ``i<n>``."""
+    return [
+        {
+            "type": "item",
+            "event_id": f"item-{n}",
+            "ts": CATALOGUE_TS,
+            "item_id": f"i{n}",
+            "title": f"Item {n}: {KINDS[n % 3]}",
+            "description": f"A {KINDS[n % 3]} product, model {n}.",
+            "categories": [KINDS[n % 3]],
+        }
+        for n in range(count)
+    ]
 
 
 @pytest.fixture

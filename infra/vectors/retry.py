@@ -23,7 +23,8 @@ loop for the user-state step's ``forget`` (see docs/security.md, "Which thread w
 Each retry logs one ``vector_store_unavailable`` warning (operation, attempt, wait, error); the
 first success after failures logs ``vector_store_recovered`` (attempts, seconds down). Counters:
 ``recstream_vector_store_retries_total``, ``..._recoveries_total`` and ``..._give_ups_total``,
-each labelled with the operation ``op`` (:mod:`infra.metrics`).
+each labelled with the operation ``op`` (:mod:`infra.metrics`); the histogram
+``recstream_vector_store_seconds`` times each successful call, its retries included.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ T = TypeVar("T")
 RETRIES = "recstream_vector_store_retries_total"
 RECOVERIES = "recstream_vector_store_recoveries_total"
 GIVE_UPS = "recstream_vector_store_give_ups_total"
+SECONDS = "recstream_vector_store_seconds"
 
 FIRST_WAIT_S = 0.05
 MAX_WAIT_S = 5.0
@@ -188,6 +190,7 @@ class RetryingStore:
     def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         failed = 0
         down_since = 0.0
+        started = time.perf_counter()
         while True:
             try:
                 result = fn(*args, **kwargs)
@@ -216,6 +219,7 @@ class RetryingStore:
                     attempts=failed + 1,
                     seconds_down=round(self._clock() - down_since, 3),
                 )
+            self.registry.histogram(SECONDS, op=op).observe(time.perf_counter() - started)
             return result
 
     def _pause(self, op: str, failed: int, down_s: float, exc: Exception) -> float:
