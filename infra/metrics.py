@@ -260,6 +260,26 @@ def _number(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
+Scrape = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Scrape:
+    """Prometheus text format (as :func:`render` writes it) back to ``{(name, labels): value}``;
+    a histogram's lines come back as ``name_bucket`` (with ``le``), ``name_sum``, ``name_count``."""
+    out: Scrape = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        name, _, rest = head.partition("{")
+        labels = []
+        for part in rest.removesuffix("}").split('",') if rest else []:
+            key, _, quoted = part.partition('="')
+            labels.append((key, quoted.removesuffix('"')))
+        out[(name, frozenset(labels))] = float(value.replace("+Inf", "inf"))
+    return out
+
+
 def render(registry: Registry = REGISTRY) -> str:
     """The registry in Prometheus' text exposition format (version 0.0.4)."""
     registry.collect()

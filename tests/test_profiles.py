@@ -430,7 +430,8 @@ def test_the_encode_agent_takes_no_new_batch_while_one_is_encoding(
 
     def message(n: int) -> SimpleNamespace:
         req, _ = _request(f"e{n}", "item", f"i{n}", f"item number {n}")
-        return SimpleNamespace(message=SimpleNamespace(value=req.model_dump_json().encode()))
+        value = req.model_dump_json().encode()
+        return SimpleNamespace(message=SimpleNamespace(topic=ENCODE_REQUESTS.name, value=value))
 
     class Stream:
         async def take_events(self, size: int, within: float):  # type: ignore[no-untyped-def]

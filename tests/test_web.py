@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from consumers.consumer import read_topic
 from infra.broker import EmbeddedBroker
 from infra.kafka import group_progress, producer_config, provision_topics
-from infra.metrics import Registry, render
+from infra.metrics import Registry, parse, render
 from infra.settings import Settings, load_settings
 from schemas.topics import BEHAVIOR, CATALOG, ENCODE_REQUESTS, RECOMMENDATIONS, USER_UPDATES
 from streams.observe import EVENTS, LAG, LATENCY, MODEL_INFO, serving
@@ -35,24 +35,6 @@ from tests.conftest import catalogue
 TS = 1_700_000_000_000
 
 # -- the exposition format, without a worker --------------------------------------------------
-
-
-def _parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Prometheus text format to {(name, labels): value}; fails on any malformed line."""
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, value = line.rsplit(" ", 1)
-        name, _, rest = head.partition("{")
-        labels: list[tuple[str, str]] = []
-        if rest:
-            body = rest.removesuffix("}")
-            for part in body.split('",'):
-                key, _, val = part.partition('="')
-                labels.append((key, val.removesuffix('"')))
-        out[(name, frozenset(labels))] = float(value.replace("+Inf", "inf"))
-    return out
 
 
 def test_render_writes_counters_gauges_and_cumulative_histograms() -> None:
@@ -196,7 +178,7 @@ def _wait_committed(settings: Settings, group: str, topic: str, count: int) -> N
 def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     status, text = _get(url + "/metrics")
     assert status == 200
-    return _parse(text)
+    return parse(text)
 
 
 def _owned(url: str) -> set[int]:
