@@ -74,7 +74,8 @@ class Gauge(_Metric):
         self.inc(-amount)
 
 
-#: Bucket bounds (seconds) for latencies from a millisecond to half a minute.
+#: Bucket bounds (seconds) for latencies from a millisecond to ten minutes (a replayed backlog
+#: waits minutes).
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001,
     0.0025,
@@ -90,6 +91,10 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     5.0,
     10.0,
     30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
 )
 #: Bucket bounds for batch sizes.
 SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

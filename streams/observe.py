@@ -56,8 +56,9 @@ def serving(model: str, version: str, registry: Registry = REGISTRY) -> None:
 
 
 def watch_consumer(app: Any, registry: Registry = REGISTRY) -> None:
-    """Before each scrape, set the consumer lag of every partition ``app`` has assigned: the
-    partition's end (high watermark) less the next offset the worker will read."""
+    """Before each scrape, set the consumer lag of every stream partition ``app`` has assigned:
+    the partition's end (high watermark) less the next offset the worker will read. Table
+    changelogs and Faust's own assignor topic are left out: they are read at recovery only."""
 
     def collect() -> None:
         consumer = getattr(app, "_consumer", None)  # None until the worker has started
@@ -68,6 +69,8 @@ def watch_consumer(app: Any, registry: Registry = REGISTRY) -> None:
         except ConsumerNotStarted:  # nothing assigned yet: nothing to report
             return
         for tp in assigned:
+            if tp.topic.endswith("-changelog") or "__assignor" in tp.topic:
+                continue
             end = consumer.highwater(tp)
             if end is None:
                 continue
