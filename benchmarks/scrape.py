@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import polars as pl
 
 from consumers.consumer import read_topic
-from infra.broker import EmbeddedBroker
+from infra.broker import EmbeddedBroker, free_port
 from infra.kafka import group_progress, provision_topics
 from infra.logs import configure_logging
 from infra.metrics import Scrape, parse
@@ -35,12 +34,6 @@ from schemas.topics import ENCODE_REQUESTS, INPUT_TOPICS, RECOMMENDATIONS, USER_
 from streams.observe import DEAD_LETTERS, EVENTS, LATENCY
 from streams.observe import RECOMMENDATIONS as LISTS
 from streams.spawn import spawn_worker, stop_process
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -80,7 +73,7 @@ def run(log: Path, limit: int | None, work: Path) -> tuple[str, int, float, int,
             data_dir=work / "data", kafka={"bootstrap_servers": broker.bootstrap_servers}
         )
         provision_topics(settings.kafka)
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {"RECSTREAM_STREAM__WEB_PORT": str(port), "RECSTREAM_DEVICE": "cpu"}
         worker = spawn_worker(settings, work / "worker.log", **env)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +17,7 @@ import pytest
 from confluent_kafka import Producer
 
 from consumers.consumer import read_topic
-from infra.broker import EmbeddedBroker
+from infra.broker import EmbeddedBroker, free_port
 from infra.kafka import group_progress, producer_config, provision_topics
 from infra.metrics import Registry, parse, render
 from infra.settings import Settings, load_settings
@@ -122,12 +121,6 @@ def test_user_updates_are_keyed_as_the_user_state_table_keys_its_changelog(tmp_p
 # -- two recommend workers behind the REST read path -------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _get(url: str) -> tuple[int, Any]:
     """GET ``url``: (status, parsed JSON body, or the text for non-JSON)."""
     try:
@@ -223,7 +216,7 @@ def test_two_workers_route_each_user_to_its_owner_and_serve_metrics(tmp_path: Pa
         for d in dirs:
             shutil.copytree(base.vectors_dir, d / base.vectors_dir.relative_to(base.data_dir))
         # 2. An ingest worker and two recommend workers, each with its web server.
-        ports = [_free_port(), _free_port()]
+        ports = [free_port(), free_port()]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         procs: dict[str, Any] = {}
         try:
