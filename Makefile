@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo up test test-fast lint check deploy-tools bench bench-e2e bench-memory bench-soak bench-vectors clean
+.PHONY: install demo up test test-fast lint check deploy-tools browser-tools bench bench-e2e bench-memory bench-soak bench-vectors clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ demo: $(STAMP)  ## embedded broker + worker + demo catalogue + simulated users, 
 up: $(STAMP)  ## embedded broker + topics + worker on 127.0.0.1:9092
 	$(BIN)/recstream up
 
-test: $(STAMP) deploy-tools  ## every test: unit, vector-store congruence, encoder, end to end on the embedded stack
+test: $(STAMP) deploy-tools browser-tools  ## every test: unit, vector-store congruence, encoder, end to end on the embedded stack
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)  ## everything but the end-to-end stack tests
@@ -38,6 +38,12 @@ deploy-tools:  ## docker-compose (Debian package), which tests/test_deploy.py ru
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; \
 	  else echo "docker-compose not installed (needs root and apt-get): its check in tests/test_deploy.py will skip"; fi; }
+
+browser-tools:  ## headless Chromium (Debian package) and a font, for the console's browser tests
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
+	  else echo "chromium not installed (needs root and apt-get): tests/test_console_browser.py will skip"; fi; }
 
 bench: $(STAMP)  ## event-to-recommendation latency on the embedded stack
 	mkdir -p bench-out

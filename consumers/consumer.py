@@ -42,7 +42,7 @@ _METADATA_TIMEOUT_S = 10.0
 GROUP_JOIN_TIMEOUT_S = 30.0
 
 
-def _partitions(consumer: Consumer, topic: str, offset: int) -> list[TopicPartition]:
+def topic_partitions(consumer: Consumer, topic: str, offset: int) -> list[TopicPartition]:
     """Every partition of ``topic`` at ``offset``; ``KeyError`` if the topic does not exist."""
     meta = consumer.list_topics(topic, timeout=_METADATA_TIMEOUT_S).topics.get(topic)
     if meta is None or meta.error is not None or not meta.partitions:
@@ -86,7 +86,7 @@ def read_topic(
     assigned = threading.Event()
     try:
         if private:
-            consumer.assign(_partitions(consumer, spec.name, OFFSET_BEGINNING))
+            consumer.assign(topic_partitions(consumer, spec.name, OFFSET_BEGINNING))
             assigned.set()
         else:
             consumer.subscribe([spec.name], on_assign=lambda *_: assigned.set())
@@ -165,7 +165,7 @@ class RecommendationConsumer:
         self._closed = False
         if private:
             start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-            self._consumer.assign(_partitions(self._consumer, RECOMMENDATIONS.name, start))
+            self._consumer.assign(topic_partitions(self._consumer, RECOMMENDATIONS.name, start))
         else:
             self._consumer.subscribe([RECOMMENDATIONS.name])
 

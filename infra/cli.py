@@ -118,6 +118,29 @@ def _add_stack_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     demo.add_argument("--rate", type=_positive, default=2.0, help="simulated events per second")
     demo.set_defaults(run=_handler("streams.demo:cli_demo"))
 
+    demo.add_argument(
+        "--console-port",
+        type=int,
+        default=None,
+        help="web console port on loopback (default console.port, 8088; 0 = any free port)",
+    )
+    demo.add_argument("--no-console", action="store_true", help="do not start the web console")
+
+    console = sub.add_parser(
+        "console", help="web console: live storefront, operations and evaluation pages"
+    )
+    console.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    console.add_argument("--port", type=int, default=None, help="port (default 8088; 0 = any)")
+    console.add_argument(
+        "--worker-url",
+        action="append",
+        default=None,
+        dest="worker_urls",
+        help="a worker's web address whose /metrics to chart (repeatable; default the local one)",
+    )
+    console.add_argument("--eval-dir", type=Path, default=None, help="recstream eval results")
+    console.set_defaults(run=_handler("streams.console:cli_console"))
+
     worker = sub.add_parser("worker", help="one Faust worker against the configured Kafka/Qdrant")
     worker.add_argument("--role", choices=["all", "ingest", "encoder", "recommend"], default="all")
     worker.set_defaults(run=_handler("streams.up:cli_worker"))

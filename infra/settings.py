@@ -171,6 +171,31 @@ class PrivacySettings(BaseModel):
         return None if key is None else key.get_secret_value().encode("utf-8")
 
 
+class ConsoleSettings(BaseModel):
+    """The web console (``recstream console``, and the one ``recstream demo`` starts)."""
+
+    model_config = _FROZEN
+
+    host: str = "127.0.0.1"  # loopback: the console publishes events, so it is not exposed
+    port: int = Field(default=8088, ge=0, le=65535)  # 0 = any free port
+    # Workers whose GET /metrics the operations page reads. Empty: this machine's worker at
+    # stream.web_host:stream.web_port.
+    worker_urls: list[str] = []
+    # Where `recstream eval --out` results are looked for (any results.json up to 3 levels down).
+    eval_dir: Path = Path(".data") / "eval"
+    # Recent dead letters kept with their original bytes for the operations page.
+    dead_letters_kept: int = Field(default=100, ge=1, le=100_000)
+
+    def metrics_urls(self, stream: StreamSettings) -> list[str]:
+        """The worker base URLs to read, without a trailing slash."""
+        if self.worker_urls:
+            return [url.rstrip("/") for url in self.worker_urls]
+        if stream.web_port == 0:
+            return []
+        host = "127.0.0.1" if stream.web_host in ("0.0.0.0", "::", "") else stream.web_host
+        return [f"http://{host}:{stream.web_port}"]
+
+
 class Settings(BaseSettings):
     """Every setting recstream reads, frozen once built."""
 
@@ -191,6 +216,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()
+    console: ConsoleSettings = ConsoleSettings()
     # Short top-level aliases named in the design documents.
     bootstrap_servers: str | None = None
     qdrant_url: str | None = None

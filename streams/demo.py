@@ -1,9 +1,10 @@
 """``recstream demo``: the embedded stack, the demo catalogue, simulated users and a live view.
 
-It starts the broker in this process and the worker (role all) as a child process, publishes the
-shipped catalogue, waits until the encoder has embedded it, then plays simulated users with distinct
-tastes and redraws each user's latest recommendations (with reasons) as they arrive. Ctrl-C, or
-``--duration``, stops everything: the worker by its pid, then the broker.
+It starts the broker in this process, the worker (role all) as a child process and the web console
+(:mod:`streams.console`) on loopback, printing its address; publishes the shipped catalogue, waits
+until the encoder has embedded it, then plays simulated users with distinct tastes and redraws each
+user's latest recommendations (with reasons) as they arrive. Ctrl-C, or ``--duration``, stops
+everything: the console, the worker by its pid, then the broker.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from consumers.consumer import RecommendationConsumer
-from infra.broker import EmbeddedBroker
+from infra.broker import EmbeddedBroker, free_port
 from infra.cli import UserError, load_cli_settings
 from infra.kafka import group_progress, provision_topics
 from infra.settings import Settings
@@ -158,8 +159,33 @@ def _play(
                 next_event += 1.0 / rate
 
 
+def _open_console(settings: Settings, worker_url: str, port: int | None, out: TextIO) -> Any:
+    """The demo's console on loopback: on ``port``, or on console.port falling back to any free
+    port when that one is taken."""
+    from streams.console import start_console
+
+    chosen = settings.console.port if port is None else port
+    try:
+        server = start_console(settings, host="127.0.0.1", port=chosen, worker_urls=[worker_url])
+    except UserError:
+        if port is not None:
+            raise
+        print(f"port {chosen} is taken; the console takes a free one", file=out)
+        server = start_console(settings, host="127.0.0.1", port=0, worker_urls=[worker_url])
+    url = server.url
+    print(f"console: {url}  (storefront; {url}ops operations; {url}eval evaluation)", file=out)
+    return server
+
+
 def run_demo(
-    settings: Settings, port: int, duration: float | None, rate: float, out: TextIO
+    settings: Settings,
+    port: int,
+    duration: float | None,
+    rate: float,
+    out: TextIO,
+    *,
+    console_port: int | None = None,
+    console: bool = True,
 ) -> int:
     items = catalog()
     view = View({i["item_id"]: i["title"] for i in items}, personas())
@@ -186,8 +212,14 @@ def run_demo(
             f"{settings.data_dir / 'worker.log'}",
             file=out,
         )
-        worker = spawn_worker(settings, settings.data_dir / "worker.log")
+        web_port = free_port()
+        worker = spawn_worker(
+            settings, settings.data_dir / "worker.log", RECSTREAM_STREAM__WEB_PORT=str(web_port)
+        )
+        server = None
         try:
+            if console:
+                server = _open_console(settings, f"http://127.0.0.1:{web_port}", console_port, out)
             with BehaviorProducer(settings, source="demo") as producer:
                 for item in items:
                     producer.send_dict(item)
@@ -196,6 +228,8 @@ def run_demo(
             with contextlib.suppress(KeyboardInterrupt):
                 _play(settings, view, rate, until, draw)
         finally:
+            if server is not None:
+                server.stop()
             stop_process(worker)
     print(view.render(), file=out)
     return 0
@@ -205,4 +239,12 @@ def cli_demo(args: argparse.Namespace) -> int:
     if args.data_dir is None:
         args.data_dir = Path(".data") / "demo"
     settings = load_cli_settings(args)
-    return run_demo(settings, args.port, args.duration, args.rate, sys.stdout)
+    return run_demo(
+        settings,
+        args.port,
+        args.duration,
+        args.rate,
+        sys.stdout,
+        console_port=args.console_port,
+        console=not args.no_console,
+    )

@@ -64,7 +64,9 @@ class Stack:
         self.settings = settings
         self.log_path = workdir / "worker.log"
         self.proc = spawn_worker(
-            settings, self.log_path, RECSTREAM_STREAM__WEB_PORT="0", RECSTREAM_DEVICE="cpu", **env
+            settings,
+            self.log_path,
+            **{"RECSTREAM_STREAM__WEB_PORT": "0", "RECSTREAM_DEVICE": "cpu", **env},
         )
         self.producer = Producer(producer_config(settings.kafka))
         self.reader = Consumer(
