@@ -24,9 +24,10 @@ from consumers.consumer import read_topic
 from infra.broker import free_port
 from infra.kafka import producer_config
 from infra.metrics import Registry, parse, render
-from infra.settings import Settings
+from infra.settings import Settings, load_settings
 from producers.producer import BehaviorProducer
 from schemas.events import DeadLetter, RecommendationEvent, RecommendedItem
+from schemas.privacy import pseudonym_for
 from schemas.topics import BEHAVIOR, DEAD_LETTER, RECOMMENDATIONS
 from streams.console import start_console
 from streams.console.app import BadRequest, publish_event
@@ -352,3 +353,54 @@ def test_console_command_says_what_is_wrong_in_one_line(settings: Settings, tmp_
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def test_under_pseudonyms_the_page_asks_by_id_and_the_topics_carry_the_pseudonym(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """With privacy.pseudonym_key set, a storefront click is published under the user's
+    pseudonym, never the raw id, and a list the stream sends for that pseudonym reaches the
+    browser that watches the raw id, shown under the id it asked for."""
+    private = load_settings(
+        data_dir=settings.data_dir,
+        kafka=settings.kafka.model_dump(),
+        privacy={"pseudonym_key": "k" * 32},
+    )
+    pseudonym = pseudonym_for("ada", b"k" * 32)
+    server = start_console(private, port=0, worker_urls=[], eval_dir=tmp_path)
+    try:
+        assert server.console.recs.ready.wait(20)
+        status, body = _post(
+            server.url + "api/events", b'{"kind": "click", "user_id": "ada", "item_id": "i1"}'
+        )
+        assert status == 202
+        assert body["user_id"] == "ada"
+        sent = [json.loads(m.value()) for m in read_topic(settings, BEHAVIOR, timeout_s=3)]
+        assert [e["user_id"] for e in sent] == [pseudonym]
+
+        received: list[dict] = []
+        reader = threading.Thread(
+            target=_read_sse,
+            args=(server.url + "api/users/ada/recommendations/stream", received, threading.Event()),
+            daemon=True,
+        )
+        reader.start()
+        deadline = time.monotonic() + 10
+        while pseudonym not in server.console.recs._watchers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rec = RecommendationEvent(
+            user_id=pseudonym,
+            trigger_event_id=body["event_id"],
+            model_version="test-1",
+            latency_ms=3.0,
+            items=[RecommendedItem(item_id="i2", rank=1, score=0.5, reasons=["popular"])],
+        )
+        producer = Producer(producer_config(settings.kafka))
+        producer.produce(RECOMMENDATIONS.name, key=pseudonym.encode(), value=rec.model_dump_json())
+        assert producer.flush(10) == 0
+        reader.join(20)
+        assert [(r["user_id"], r["trigger_event_id"]) for r in received] == [
+            ("ada", body["event_id"])
+        ]
+    finally:
+        server.stop()

@@ -27,6 +27,7 @@ from infra.broker import EmbeddedBroker, free_port
 from infra.kafka import provision_topics
 from infra.settings import Settings, load_settings
 from producers.demo.data import catalog
+from producers.producer import BehaviorProducer
 from producers.replay import replay
 from schemas.eventlog import rows_to_frame, to_row
 from schemas.events import BehaviorEvent
@@ -113,7 +114,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 eval_dir=workdir / "eval",
             )
             try:
-                yield {"settings": settings, "stack": stack, "url": server.url, "dir": workdir}
+                yield {
+                    "settings": settings,
+                    "stack": stack,
+                    "url": server.url,
+                    "dir": workdir,
+                    "console": server,
+                }
             finally:
                 server.stop()
         finally:
@@ -181,6 +188,36 @@ def test_three_scifi_clicks_update_the_list_with_scifi_items_and_reasons(
     assert 0 < click_to_list < 60_000
     assert re.search(r"\d+ ms", page.inner_text('[data-testid="click-to-list"]'))
     _shot(page, "store", whole=False)
+
+
+def test_a_console_started_later_gets_the_first_list_from_the_workers_rest_path(
+    live: dict[str, Any],
+) -> None:
+    """A console that was not running when a user's list was sent answers that user's stream at
+    once with the list the owning worker keeps (GET /users/{id}/recommendations), titles added."""
+    settings: Settings = live["settings"]
+    with BehaviorProducer(settings, source="test") as producer:
+        event = producer.click("late-reader", SCIFI)
+    stack: Stack = live["stack"]
+    stack.wait_for(
+        lambda body: body.get("trigger_event_id") == event.event_id, "the list for the click"
+    )
+    worker = live["console"].console.worker_urls
+    later = start_console(settings, port=0, worker_urls=worker, eval_dir=live["dir"])
+    try:
+        deadline = time.monotonic() + 20  # its catalogue reader starts from the beginning
+        while len(later.console.catalogue.items()) < len(catalog()):
+            assert time.monotonic() < deadline, "the later console never read the catalogue"
+            time.sleep(0.1)
+        url = later.url + "api/users/late-reader/recommendations/stream"
+        with urllib.request.urlopen(url, timeout=30) as stream:
+            data = next(line for line in stream if line.startswith(b"data: "))
+        first = json.loads(data[6:])
+        assert first["source"] == "latest"
+        assert first["trigger_event_id"] == event.event_id
+        assert first["items"][0]["title"] != first["items"][0]["item_id"]
+    finally:
+        later.stop()
 
 
 def _small_log(path: Path, users: int = 40, per_user: int = 10) -> Path:
