@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo up test test-fast lint check deploy-tools browser-tools bench bench-e2e bench-memory bench-soak bench-vectors clean
+.PHONY: install demo up test test-fast lint check deploy-tools browser-tools bench bench-e2e bench-scaleout bench-memory bench-soak bench-vectors clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-e2e: $(STAMP)  ## throughput and latency under load, beside Faust's no-op 
 	mkdir -p bench-out
 	$(BIN)/python benchmarks/e2e.py --rate 500 --duration 60 --json bench-out/e2e-500.json
 	$(BIN)/python benchmarks/e2e.py --max --events 20000 --json bench-out/e2e-max.json
+
+bench-scaleout: $(STAMP)  ## one worker against ingest + two recommend workers on four partitions; hand-over
+	mkdir -p bench-out
+	$(BIN)/python benchmarks/scaleout.py --json bench-out/scaleout.json
 
 bench-memory: $(STAMP)  ## bytes of state per user and per item, projected to a million
 	mkdir -p bench-out

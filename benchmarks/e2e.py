@@ -251,6 +251,18 @@ def catalogue(count: int, rng: random.Random) -> list[dict[str, Any]]:
     return items
 
 
+def embed_catalogue(
+    settings: Settings, items: list[dict[str, Any]], alive: Callable[[], None]
+) -> float:
+    """Publish the catalogue and wait until the worker has embedded every item; the seconds."""
+    started = time.monotonic()
+    with BehaviorProducer(settings, source="benchmark") as producer:
+        for item in items:
+            producer.send_dict(item)
+    wait_embedded(settings, len(items), alive)
+    return time.monotonic() - started
+
+
 def load(rng: random.Random, prefix: str, count: int, users: int, items: int) -> list[Planned]:
     """Behaviour events; each user keeps to two favourite topics (items are dealt by topic)."""
     topics = len(TOPICS)
@@ -299,15 +311,43 @@ def end_offsets(settings: Settings, topic: str) -> int:
         consumer.close()
 
 
+@dataclass(frozen=True)
+class Workers:
+    """The processes under test and the groups that commit each hop (one worker of role ``all``:
+    its pid and the app id twice)."""
+
+    pids: tuple[int, ...]
+    behaviour_group: str
+    updates_group: str
+
+    def usage(self) -> Usage:
+        """CPU and memory of every process, added up."""
+        each = [Usage.of(pid) for pid in self.pids]
+        return Usage(
+            sum(u.cpu_s for u in each),
+            sum(u.rss_mib for u in each),
+            sum(u.peak_rss_mib for u in each),
+        )
+
+
 def measure(
-    settings: Settings, args: argparse.Namespace, alive: Callable[[], None], pid: int
+    settings: Settings,
+    args: argparse.Namespace,
+    alive: Callable[[], None],
+    workers: Workers,
+    *,
+    planned: list[Planned] | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then the measured load; latencies, throughput, usage."""
+    """Warm up, then the measured load (``planned``, or drawn from ``args``); latencies,
+    throughput, usage."""
     rng = random.Random(args.seed)
     tag = uuid.uuid4().hex[:6]
     count = args.events if args.max else int(args.rate * args.duration)
     warm = load(rng, f"warm-{tag}", 200, args.users, args.items)
-    planned = load(rng, f"ev-{tag}", count, args.users, args.items)
+    if planned is None:
+        planned = load(rng, f"ev-{tag}", count, args.users, args.items)
+    else:
+        count = len(planned)
     collector = Collector(settings, RECOMMENDATIONS.name, _recommendation)
     collector.start()
     collector.ready.wait(10)
@@ -320,9 +360,9 @@ def measure(
             open_loop(warm, 100.0, send, "warm-up")
             producer.flush()
             await_arrivals(collector, warm, 120.0, alive)
-            base_behaviour = committed(settings, BEHAVIOR.name)
-            base_updates = committed(settings, USER_UPDATES.name)
-            before, started = Usage.of(pid), time.monotonic()
+            base_behaviour = committed(settings, BEHAVIOR.name, workers.behaviour_group)
+            base_updates = committed(settings, USER_UPDATES.name, workers.updates_group)
+            before, started = workers.usage(), time.monotonic()
             if args.max:
                 due = {}
                 for event in planned:
@@ -339,12 +379,14 @@ def measure(
             deadline = time.monotonic() + max(STRAGGLER_S, 10.0 * len(planned) / 1000)
             while time.monotonic() < deadline:
                 alive()
-                if committed(settings, BEHAVIOR.name) >= target and committed(
-                    settings, USER_UPDATES.name
+                if committed(
+                    settings, BEHAVIOR.name, workers.behaviour_group
+                ) >= target and committed(
+                    settings, USER_UPDATES.name, workers.updates_group
                 ) >= base_updates + len(planned):
                     break
                 time.sleep(0.2)
-            after = Usage.of(pid)
+            after = workers.usage()
             await_arrivals(collector, planned, STRAGGLER_S, alive)
             phase = phase_result(planned, due, collector, achieved)
             # done when the last list reflecting a measured event arrived (commits lag by seconds)
@@ -358,6 +400,7 @@ def measure(
     elapsed = finished - started
     return {
         "events": len(planned),
+        "warm_up": warm,
         "events_per_s": round(len(planned) / elapsed, 1),
         "achieved_send_rate": None if achieved is None else round(achieved, 1),
         "seconds": round(elapsed, 2),
@@ -387,18 +430,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         with running_worker(settings, tmp) as (worker, alive):
             items = catalogue(args.items, random.Random(args.seed))
-            embed_started = time.monotonic()
-            with BehaviorProducer(settings, source="benchmark") as producer:
-                for item in items:
-                    producer.send_dict(item)
-            wait_embedded(settings, len(items), alive)
-            embed_s = time.monotonic() - embed_started
+            embed_s = embed_catalogue(settings, items, alive)
             print(
                 f"  catalogue of {len(items):,} items embedded in {embed_s:.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
-            result = measure(settings, args, alive, worker.pid)
+            app = settings.stream.app_id
+            result = measure(settings, args, alive, Workers((worker.pid,), app, app))
+            result.pop("warm_up")
             result["dead_lettered"] = end_offsets(settings, DEAD_LETTER.name)
     return {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},

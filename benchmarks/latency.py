@@ -286,10 +286,11 @@ def plan(
 # -- the stack -------------------------------------------------------------------------------
 
 
-def committed(settings: Settings, topic: str) -> int:
-    """Offsets the worker's group has committed on ``topic``, summed (0 before it has any)."""
+def committed(settings: Settings, topic: str, group: str | None = None) -> int:
+    """Offsets ``group`` (default: the worker's, role all) has committed on ``topic``, summed
+    (0 before it has any)."""
     try:
-        return group_progress(settings.kafka, settings.stream.app_id, topic)[0]
+        return group_progress(settings.kafka, group or settings.stream.app_id, topic)[0]
     except (KafkaException, KeyError):  # the worker's group may not exist yet
         return 0
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 from confluent_kafka import KafkaException
-from e2e import Usage, catalogue, end_offsets, load
+from e2e import Usage, catalogue, embed_catalogue, end_offsets, load
 from latency import (
     LINGER_MS,
     STRAGGLER_S,
@@ -62,7 +62,6 @@ from latency import (
     percentiles,
     phase_result,
     running_worker,
-    wait_embedded,
 )
 
 from infra.broker import BrokerStartError
@@ -436,12 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         alive = _checked(alive_or_bench_error)
         try:
             items = catalogue(args.items, random.Random(args.seed))
-            embed_started = time.monotonic()
-            with BehaviorProducer(settings, source="benchmark") as producer:
-                for item in items:
-                    producer.send_dict(item)
-            wait_embedded(settings, len(items), alive)
-            embed_s = time.monotonic() - embed_started
+            embed_s = embed_catalogue(settings, items, alive)
             print(
                 f"  catalogue of {len(items):,} items embedded in {embed_s:.0f} s", file=sys.stderr
             )
