@@ -285,18 +285,24 @@ class Console:
     async def _poll(self) -> None:
         while True:
             started = time.monotonic()
-            scrapes = await asyncio.gather(
-                *(self._scrape(n, url) for n, url in enumerate(self.worker_urls))
-            )
-            point = self.history.add(
-                int(time.time() * 1000),
-                totals(s for s in scrapes if s is not None),
-                self.dead_letters.total,
-            )
-            update = self.ops_body([point.as_json()])
-            for queue in list(self._ops_watchers):
-                offer(queue, update)
+            try:
+                await self._poll_once()
+            except Exception:  # one bad scrape must not stop the operations page for good
+                log.exception("console_poll_failed")
             await asyncio.sleep(max(0.0, self.poll_s - (time.monotonic() - started)))
+
+    async def _poll_once(self) -> None:
+        scrapes = await asyncio.gather(
+            *(self._scrape(n, url) for n, url in enumerate(self.worker_urls))
+        )
+        point = self.history.add(
+            int(time.time() * 1000),
+            totals(s for s in scrapes if s is not None),
+            self.dead_letters.total,
+        )
+        update = self.ops_body([point.as_json()])
+        for queue in list(self._ops_watchers):
+            offer(queue, update)
 
     def ops_body(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         letters = self.dead_letters.summary()
