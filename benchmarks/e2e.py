@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +54,23 @@ from latency import (
     await_arrivals,
     committed,
     embedded_stack,
-    emit,
     open_loop,
     percentiles,
     phase_result,
+    provenance,
+    run_and_emit,
     running_worker,
     wait_embedded,
 )
 
-from infra.broker import BrokerStartError
 from infra.kafka import consumer_config, producer_config
-from infra.logs import configure_logging
 from infra.settings import Settings
 from producers.producer import BehaviorProducer
 from schemas.topics import BEHAVIOR, DEAD_LETTER, RECOMMENDATIONS, USER_UPDATES, TopicSpec
 from streams.spawn import stop_process
 
 KINDS = ("view", "view", "click", "click", "add_to_cart", "purchase")
+WARM_UP = 200  # events played before each measured load
 TOPICS = (
     "astronomy",
     "baking",
@@ -330,33 +330,36 @@ class Workers:
         )
 
 
+def draw(args: argparse.Namespace) -> tuple[list[Planned], list[Planned]]:
+    """A run's warm-up events and its measured ones (``--events``, or rate times duration)."""
+    rng = random.Random(args.seed)
+    tag = uuid.uuid4().hex[:6]
+    count = args.events if args.max else int(args.rate * args.duration)
+    warm = load(rng, f"warm-{tag}", WARM_UP, args.users, args.items)
+    return warm, load(rng, f"ev-{tag}", count, args.users, args.items)
+
+
+def send_planned(producer: BehaviorProducer, event: Planned) -> None:
+    """Publish one planned behaviour event under its own event id."""
+    getattr(producer, event.kind)(event.key, event.item_id, event_id=event.event_id)
+
+
 def measure(
     settings: Settings,
     args: argparse.Namespace,
     alive: Callable[[], None],
     workers: Workers,
     *,
-    planned: list[Planned] | None = None,
+    warm: list[Planned],
+    planned: list[Planned],
 ) -> dict[str, Any]:
-    """Warm up, then the measured load (``planned``, or drawn from ``args``); latencies,
-    throughput, usage."""
-    rng = random.Random(args.seed)
-    tag = uuid.uuid4().hex[:6]
-    count = args.events if args.max else int(args.rate * args.duration)
-    warm = load(rng, f"warm-{tag}", 200, args.users, args.items)
-    if planned is None:
-        planned = load(rng, f"ev-{tag}", count, args.users, args.items)
-    else:
-        count = len(planned)
+    """Warm up, then the measured load; latencies, throughput, usage."""
     collector = Collector(settings, RECOMMENDATIONS.name, _recommendation)
     collector.start()
     collector.ready.wait(10)
     try:
         with BehaviorProducer(settings, source="benchmark", linger_ms=5) as producer:
-
-            def send(event: Planned) -> None:
-                getattr(producer, event.kind)(event.key, event.item_id, event_id=event.event_id)
-
+            send = partial(send_planned, producer)
             open_loop(warm, 100.0, send, "warm-up")
             producer.flush()
             await_arrivals(collector, warm, 120.0, alive)
@@ -400,7 +403,6 @@ def measure(
     elapsed = finished - started
     return {
         "events": len(planned),
-        "warm_up": warm,
         "events_per_s": round(len(planned) / elapsed, 1),
         "achieved_send_rate": None if achieved is None else round(achieved, 1),
         "seconds": round(elapsed, 2),
@@ -436,13 +438,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 file=sys.stderr,
                 flush=True,
             )
-            app = settings.stream.app_id
-            result = measure(settings, args, alive, Workers((worker.pid,), app, app))
-            result.pop("warm_up")
+            app, (warm, planned) = settings.stream.app_id, draw(args)
+            workers = Workers((worker.pid,), app, app)
+            result = measure(settings, args, alive, workers, warm=warm, planned=planned)
             result["dead_lettered"] = end_offsets(settings, DEAD_LETTER.name)
     return {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "command": list(sys.argv),
+        **provenance(),
         "mode": "max" if args.max else "rate",
         "rate": None if args.max else args.rate,
         "duration_s": None if args.max else args.duration,
@@ -500,14 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("rates, durations and counts must be positive")
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json: no such directory: {args.json.parent}")
-    configure_logging("warning")
-    try:
-        result = run(args)
-    except (BenchError, BrokerStartError) as exc:
-        print(f"e2e.py: error: {exc}", file=sys.stderr)
-        return 1
-    emit(table(result), result, args.json)
-    return 0
+    return run_and_emit("e2e.py", run, table, args)
 
 
 if __name__ == "__main__":

@@ -585,6 +585,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def provenance() -> dict[str, Any]:
+    """Where and how a benchmark ran: the machine and the command line."""
+    return {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "command": list(sys.argv),
+    }
+
+
+def run_and_emit(
+    prog: str,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+    args: argparse.Namespace,
+) -> int:
+    """Run a benchmark; print its table and write its JSON, or say in one line why it failed."""
+    configure_logging("warning")
+    try:
+        result = run(args)
+    except (BenchError, BrokerStartError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    emit(table(result), result, args.json)
+    return 0
+
+
 def emit(text: str, result: dict, path: Path | None) -> None:
     """Print the table; write the figures to ``path`` as JSON when one is given."""
     print(text)

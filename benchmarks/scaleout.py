@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -43,12 +42,27 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import Workers, catalogue, embed_catalogue, end_offsets, load, measure
-from latency import BenchError, committed, embedded_stack, emit, running_worker
+from e2e import (
+    WARM_UP,
+    Workers,
+    catalogue,
+    embed_catalogue,
+    end_offsets,
+    load,
+    measure,
+    send_planned,
+)
+from latency import (
+    BenchError,
+    committed,
+    embedded_stack,
+    provenance,
+    run_and_emit,
+    running_worker,
+)
 
 from consumers.consumer import read_topic
-from infra.broker import BrokerStartError, free_port
-from infra.logs import configure_logging
+from infra.broker import free_port
 from infra.metrics import parse
 from infra.settings import Settings
 from models.state import UserState
@@ -206,13 +220,15 @@ def configuration(
             fleet.start(worker, role)
         recommenders = [w for w, role in roles if role in ("all", "recommend")]
         app = settings.stream.app_id
-        split = all(role == "all" for _, role in roles)
-        groups = (app, app) if split else (f"{app}-ingest", f"{app}-recommend")
+        one_app = all(role == "all" for _, role in roles)
+        groups = (app, app) if one_app else (f"{app}-ingest", f"{app}-recommend")
         start_s = wait_split(fleet, recommenders, settings.kafka.partitions)
         time.sleep(SETTLE_S)
         workers = Workers(tuple(fleet.pid(w) for w, _ in roles), *groups)
-        result = measure(settings, args, fleet.alive, workers, planned=planned)
-        sent = Counter(p.key for p in [*result.pop("warm_up"), *planned])
+        warm = load(random.Random(args.seed + 2), "warm", WARM_UP, args.users, args.items)
+        result = measure(settings, args, fleet.alive, workers, warm=warm, planned=planned)
+        sent = Counter(p.key for p in [*warm, *planned])
+        result["partitions"] = settings.kafka.partitions
         result["start_s"] = round(start_s, 1)
         result["dead_lettered"] = end_offsets(settings, DEAD_LETTER.name)
         if then is not None:
@@ -233,8 +249,7 @@ def handover(args: argparse.Namespace) -> Callable[[Settings, Fleet, Counter[str
         base = committed(settings, USER_UPDATES.name, group)
         with BehaviorProducer(settings, source="benchmark", linger_ms=5) as producer:
             for event in more:
-                getattr(producer, event.kind)(event.key, event.item_id, event_id=event.event_id)
-                producer.poll(0)
+                send_planned(producer, event)
             producer.flush()
         # Stop one recommend worker once the fleet is a quarter through the second load.
         while committed(settings, USER_UPDATES.name, group) < base + len(more) // 4:
@@ -266,8 +281,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     items = catalogue(args.items, random.Random(args.seed))
     rng = random.Random(args.seed)
     planned = load(rng, "ev", args.events, args.users, args.items)
-    keep = Path(os.environ.get("TMPDIR", "/tmp")) / f"recstream-scaleout-vectors-{os.getpid()}"
-    try:
+    with tempfile.TemporaryDirectory(prefix="recstream-scaleout-vectors-") as kept:
+        keep = Path(kept) / "vectors"
         embed_s = seed_vectors(items, keep)
         print(f"catalogue of {len(items):,} items embedded in {embed_s:.0f} s", file=sys.stderr)
         configs = {
@@ -288,16 +303,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 then=handover(args),
             ),
         }
-    finally:
-        shutil.rmtree(keep, ignore_errors=True)
     base = configs["one worker"]["events_per_s"]
     return {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "command": list(sys.argv),
+        **provenance(),
         "items": args.items,
         "users": args.users,
         "events": args.events,
-        "partitions": 4,
+        "partitions": configs["one worker"]["partitions"],
         "catalogue_embed_s": round(embed_s, 1),
         "configurations": configs,
         "speedup_vs_one_worker": {
@@ -345,14 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json: no such directory: {args.json.parent}")
     args.max = True  # e2e.measure's all-at-once mode
-    configure_logging("warning")
-    try:
-        result = run(args)
-    except (BenchError, BrokerStartError) as exc:
-        print(f"scaleout.py: error: {exc}", file=sys.stderr)
-        return 1
-    emit(table(result), result, args.json)
-    return 0
+    return run_and_emit("scaleout.py", run, table, args)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import random
 import shutil
 import sys
@@ -61,6 +59,7 @@ from latency import (
     open_loop,
     percentiles,
     phase_result,
+    provenance,
     running_worker,
 )
 
@@ -446,8 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         died = worker.poll() is not None
         result["worker_log"] = keep_log(tmp, args.json) if died else None
     return {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "command": list(sys.argv),
+        **provenance(),
         "rate": args.rate,
         "duration_s": args.duration,
         "window_s": args.window,

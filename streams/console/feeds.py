@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import threading
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -23,20 +22,33 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Message
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    Message,
+)
+from pydantic import ValidationError
 
 from consumers.consumer import decode_recommendation, topic_partitions, usable
 from infra.kafka import consumer_config
 from infra.settings import Settings
-from schemas.events import DeadLetter
+from schemas.events import DeadLetter, ItemEvent, ItemRemovedEvent
 from schemas.privacy import pseudonym_for
-from schemas.serde import InvalidEvent, parse_object
+from schemas.serde import InvalidEvent, decode_input, parse_object
 from schemas.topics import CATALOG, DEAD_LETTER, RECOMMENDATIONS, TopicSpec
 
 log = structlog.get_logger(__name__)
 
 #: Users whose latest list the console keeps for browsers that connect later.
 LATEST_KEPT = 10_000
+#: What the storefront shows of an item, and the operations page of a dead letter.
+ITEM_FIELDS = {"item_id", "title", "description", "categories", "attributes", "available"}
+LETTER_FIELDS = {
+    *("event_id", "ts", "stage", "topic", "partition", "offset"),
+    *("error_type", "error", "payload_b64"),
+}
 #: Lists queued for one browser before the oldest is dropped (a stalled tab must not grow memory).
 SUBSCRIBER_QUEUE = 64
 
@@ -54,7 +66,6 @@ class TopicFeed:
         self._start = OFFSET_BEGINNING if from_beginning else OFFSET_END
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the partitions are assigned
-        self.messages = 0
         self._thread = threading.Thread(target=self._run, name=f"console-{spec.name}", daemon=True)
 
     def start(self) -> None:
@@ -83,7 +94,6 @@ class TopicFeed:
                 msg = usable(consumer.poll(0.2))
                 if msg is None:
                     continue
-                self.messages += 1
                 try:
                     self.handle(msg)
                 except Exception:  # one odd message must not stop the page
@@ -101,25 +111,17 @@ class CatalogueFeed(TopicFeed):
         self._lock = threading.Lock()
 
     def handle(self, msg: Message) -> None:
+        # Decoded as ingest decodes it, so the storefront shows exactly the items the stream has.
+        envelope = {"event_id": f"{msg.topic()}-{msg.partition()}-{msg.offset()}", **_stamp(msg)}
         try:
-            body = parse_object(msg.value() or b"")
+            event = decode_input(msg.value(), topic=msg.topic(), defaults=envelope)
         except InvalidEvent:
-            return  # ingest dead-letters it; the storefront has nothing to show
-        item_id = body.get("item_id")
-        if not isinstance(item_id, str):
-            return
+            return  # ingest dead-letters it: the stream has no such item either
         with self._lock:
-            if body.get("type") == "item_removed":
-                self._items.pop(item_id, None)
-            elif body.get("type") == "item" and isinstance(body.get("title"), str):
-                self._items[item_id] = {
-                    "item_id": item_id,
-                    "title": body["title"],
-                    "description": str(body.get("description") or ""),
-                    "categories": list(body.get("categories") or []),
-                    "attributes": dict(body.get("attributes") or {}),
-                    "available": bool(body.get("available", True)),
-                }
+            if isinstance(event, ItemRemovedEvent):
+                self._items.pop(event.item_id, None)
+            elif isinstance(event, ItemEvent):
+                self._items[event.item_id] = event.model_dump(mode="json", include=ITEM_FIELDS)
 
     def items(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -218,38 +220,26 @@ class DeadLetterFeed(TopicFeed):
     def handle(self, msg: Message) -> None:
         try:
             letter = DeadLetter.model_validate(parse_object(msg.value() or b""))
-        except Exception:  # noqa: BLE001 - a letter we cannot read is still a letter
-            stage, reason = "unknown", "unreadable_dead_letter"
-            raw = msg.value() or b""
-            entry: dict[str, Any] = {
-                "event_id": f"{msg.topic()}:{msg.partition()}:{msg.offset()}",
-                "ts": (msg.timestamp() or (0, 0))[1],
-                "stage": stage,
-                "topic": msg.topic(),
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-                "error_type": reason,
-                "error": "the dead letter itself does not parse",
-                "payload_b64": base64.b64encode(raw).decode("ascii"),
-            }
-        else:
-            stage, reason = letter.stage, letter.error_type
-            raw = _b64decode(letter.payload_b64)
-            entry = {
-                "event_id": letter.event_id,
-                "ts": letter.ts,
-                "stage": letter.stage,
-                "topic": letter.topic,
-                "partition": letter.partition,
-                "offset": letter.offset,
-                "error_type": letter.error_type,
-                "error": letter.error,
-                "payload_b64": letter.payload_b64,
-            }
+        except (InvalidEvent, ValidationError):  # a letter we cannot read is still a letter
+            letter = DeadLetter.model_validate(
+                {
+                    "event_id": f"{msg.topic()}:{msg.partition()}:{msg.offset()}",
+                    **_stamp(msg),
+                    "stage": "unknown",
+                    "topic": msg.topic(),
+                    "partition": msg.partition(),
+                    "offset": msg.offset(),
+                    "error_type": "unreadable_dead_letter",
+                    "error": "the dead letter itself does not parse",
+                    "payload_b64": base64.b64encode(msg.value() or b"").decode("ascii"),
+                }
+            )
+        raw = _b64decode(letter.payload_b64)
+        entry = letter.model_dump(mode="json", include=LETTER_FIELDS)
         entry["payload_text"] = raw.decode("utf-8", errors="replace")
         entry["payload_bytes"] = len(raw)
         with self._lock:
-            self._counts[(stage, reason)] += 1
+            self._counts[(letter.stage, letter.error_type)] += 1
             self._recent.appendleft(entry)
 
     def summary(self) -> dict[str, Any]:
@@ -266,13 +256,14 @@ class DeadLetterFeed(TopicFeed):
             return sum(self._counts.values())
 
 
+def _stamp(msg: Message) -> dict[str, int]:
+    """The broker's timestamp of ``msg`` as an event's ``ts``, when it has one."""
+    kind, stamp = msg.timestamp()
+    return {"ts": stamp} if kind != TIMESTAMP_NOT_AVAILABLE and stamp > 0 else {}
+
+
 def _b64decode(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except ValueError:
         return text.encode("utf-8")
-
-
-def sse(event: str, body: dict[str, Any]) -> bytes:
-    """One server-sent event."""
-    return f"event: {event}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
