@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo up test test-fast lint check deploy-tools browser-tools bench bench-e2e bench-scaleout bench-memory bench-soak bench-vectors clean
+.PHONY: install demo up test test-fast lint check deploy-tools browser-tools bench bench-e2e bench-scaleout bench-restart bench-memory bench-soak bench-vectors clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-e2e: $(STAMP)  ## throughput and latency under load, beside Faust's no-op 
 bench-scaleout: $(STAMP)  ## one worker against ingest + two recommend workers on four partitions; hand-over
 	mkdir -p bench-out
 	$(BIN)/python benchmarks/scaleout.py --json bench-out/scaleout.json
+
+bench-restart: $(STAMP)  ## restart to first list with the tables in RocksDB against in memory
+	mkdir -p bench-out
+	$(BIN)/python benchmarks/restart.py --json bench-out/restart.json
 
 bench-memory: $(STAMP)  ## bytes of state per user and per item, projected to a million
 	mkdir -p bench-out

@@ -145,6 +145,10 @@ class StreamSettings(BaseModel):
     # partitions this worker owns are forwarded here). None: http://<web_host>:<web_port>, with
     # the machine's host name when web_host listens on every interface.
     advertised_url: str | None = None
+    # Where the worker's tables live. "rocksdb": one RocksDB database per table under
+    # <data_dir>/faust/<role>, so a restart reads only the changelog written since the last commit
+    # (streams/store.py). "memory": in memory, rebuilt from the whole changelog at every start.
+    table_store: Literal["rocksdb", "memory"] = "rocksdb"
 
 
 class PrivacySettings(BaseModel):

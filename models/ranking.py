@@ -88,26 +88,39 @@ def _base_scores(inp: RankInput, items: Mapping[str, ItemInfo], w: Weights) -> d
     }
 
 
+def _top(scores: Mapping[str, float], n: int) -> list[str]:
+    """The ``n`` best items by (-score, item id): numpy finds the boundary score, and only the
+    items at or above it are sorted in Python (ties at the boundary included, so the order is
+    exactly that of sorting everything)."""
+    keys = list(scores)
+    if len(keys) <= n:
+        return sorted(keys, key=lambda i: (-scores[i], i))
+    vals = np.fromiter(scores.values(), dtype=np.float64, count=len(keys))
+    bound = np.partition(vals, len(vals) - n)[len(vals) - n]
+    near = [keys[j] for j in np.flatnonzero(vals >= bound)]
+    return sorted(near, key=lambda i: (-scores[i], i))[:n]
+
+
 def mmr_select(
     scores: Mapping[str, float], items: Mapping[str, ItemInfo], k: int, lam: float
 ) -> list[str]:
     """Maximal marginal relevance: trade each next item's score against its nearest pick."""
-    pool = sorted(scores, key=lambda i: (-scores[i], i))[: max(k * POOL_FACTOR, k)]
-    if not pool:
-        return []
+    pool = _top(scores, max(k * POOL_FACTOR, k))
+    if not pool or lam >= 1.0:  # no diversity term: the pool is already in score order
+        return pool[:k]
     vecs = np.stack([items[i].vector for i in pool])
     rel = np.array([scores[i] for i in pool])
     spread = float(rel.max() - rel.min())  # relevance on [0, 1], so lambda means the same for
     rel = (rel - rel.min()) / spread if spread > 0 else np.ones_like(rel)  # any score scale
+    value = lam * rel  # the first pick has no penalty
+    nearest = np.full(len(pool), -np.inf)
     chosen: list[int] = []
-    max_sim = np.full(len(pool), -np.inf)
     for _ in range(min(k, len(pool))):
-        penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
-        mmr = lam * rel - (1.0 - lam) * penalty
-        mmr[chosen] = -np.inf
-        best = int(np.argmax(mmr))
+        best = int(np.argmax(value))
         chosen.append(best)
-        max_sim = np.maximum(max_sim, vecs @ vecs[best])
+        np.maximum(nearest, vecs @ vecs[best], out=nearest)
+        value = lam * rel - (1.0 - lam) * nearest
+        value[chosen] = -np.inf
     return [pool[i] for i in chosen]
 
 

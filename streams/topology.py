@@ -36,6 +36,7 @@ from streams.ingest import ingest
 from streams.observe import serving, watch_consumer
 from streams.services import Services
 from streams.sinks import Sinks
+from streams.store import SCHEME as STORE_SCHEME
 from streams.transport import TunedApp, read_true_ends
 from streams.user_state import STEP as USER_STATE_STEP
 from streams.user_state import Tables, UserStateStep, update_user_state
@@ -76,7 +77,8 @@ def advertised_url(settings: Settings) -> str:
 
 
 def create_app(settings: Settings, role: Role) -> faust.App:
-    """The Faust app: raw bytes on every topic (we validate ourselves), tables in memory."""
+    """The Faust app: raw bytes on every topic (we validate ourselves), tables in RocksDB (or in
+    memory, ``stream.table_store``)."""
     stream = settings.stream
     datadir = settings.data_dir / "faust" / role
     datadir.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,7 @@ def create_app(settings: Settings, role: Role) -> faust.App:
         fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
         end_probe=partial(read_true_ends, settings.kafka),
         **faust_broker_options(settings.kafka),
-        store="memory://",
+        store=f"{STORE_SCHEME}://" if stream.table_store == "rocksdb" else "memory://",
         autodiscover=False,
         topic_partitions=settings.kafka.partitions,
         topic_replication_factor=settings.kafka.replication_factor,

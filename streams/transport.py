@@ -40,6 +40,11 @@ Three changes to Faust's aiokafka driver, each for a measured or tested reason:
   4. Should a partition still wait for its first message (one cleared from a queue, say) for
      :data:`REFETCH_AFTER_S`, the consumer seeks back to the committed offsets and reads again:
      at-least-once, and the steps downstream recognise the repeats by event id.
+
+- **Persistent tables.** Each commit brackets its producer flush for the RocksDB table store
+  (``streams/store.py``): the table writes held when it begins are written to disk only after
+  the flush has had their changelog records acknowledged, so local state never runs ahead of the
+  changelog.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from typing import Any
 
 import faust
 import structlog
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from faust.transport.drivers import aiokafka as driver
 from faust.transport.producer import ProducerBuffer
 from faust.types import TP
@@ -62,6 +67,7 @@ from mode.utils.futures import notify
 
 from infra.kafka import consumer_config
 from infra.settings import KafkaSettings
+from streams.store import keyed_stores
 
 EndProbe = Callable[[Mapping[TP, int]], dict[TP, int]]
 PROBE_WAIT_S = 0.5
@@ -135,6 +141,24 @@ def read_true_ends(kafka: KafkaSettings, reported: Mapping[TP, int]) -> dict[TP,
     return ends
 
 
+def changelog_ends(kafka: KafkaSettings, tps: list[TP]) -> dict[TP, int]:
+    """One past the last record of each partition (0 for a topic that does not exist)."""
+    probe = Consumer(consumer_config(kafka, f"recstream-end-probe-{uuid.uuid4().hex}"))
+    try:
+        reported: dict[TP, int] = {}
+        for tp in tps:
+            try:
+                _, high = probe.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=10
+                )
+            except KafkaException:
+                high = 0  # no such topic or partition: nothing to recover from
+            reported[tp] = max(int(high), 0)
+    finally:
+        probe.close()
+    return read_true_ends(kafka, reported)
+
+
 class FencedReadOffsets(defaultdict[TP, int | None]):
     """The fetcher's read position per partition, which a batch fetched before a seek cannot move.
 
@@ -189,6 +213,7 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
             self._positions = FencedReadOffsets()
             self._read_offset = self._positions
             self._missing_since: dict[TP, float] = {}
+            self._store_commit = asyncio.Lock()
 
         def _new_consumer_thread(self) -> Any:
             return thread(self, loop=self.loop, beacon=self.beacon)
@@ -245,7 +270,16 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
             return super()._new_offset(tp)
 
         async def commit(self, *args: Any, **kwargs: Any) -> bool:
-            did_commit = bool(await super().commit(*args, **kwargs))
+            async with self._store_commit:
+                stores = keyed_stores(self.app)
+                for store in stores:  # the writes whose changelog the commit's flush sends
+                    store.begin_commit()
+                did_commit = bool(await super().commit(*args, **kwargs))
+                for store in stores:
+                    if did_commit:  # the flush ran: every record of the snapshot is acked
+                        store.finish_commit()
+                    else:
+                        store.drop_snapshot()
             now = time.monotonic()
             waiting = [tp for tp, t in self._missing_since.items() if now - t >= REFETCH_AFTER_S]
             if waiting:

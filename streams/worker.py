@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import structlog
 
 from infra.kafka import provision_topics, wait_for_broker
 from infra.settings import Settings
 from streams.services import Services
+from streams.store import keyed_stores, reconcile
 from streams.topology import Role, build_topology
+from streams.transport import changelog_ends
 
 log = structlog.get_logger(__name__)
 SWITCH_INTERVAL_S = 0.0005
@@ -28,6 +31,7 @@ def run_worker(settings: Settings, role: Role) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     services = Services(settings)
     topo = build_topology(settings, role, services)
+    reconcile(keyed_stores(topo.app), partial(changelog_ends, settings.kafka))
     log.info(
         "worker_starting",
         role=role,

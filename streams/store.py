@@ -1,0 +1,250 @@
+"""A RocksDB table store for Faust (through rocksdict): one database per table, keyed by key, so a
+restarted worker recovers its tables from local disk and reads only the changelog written since.
+
+Why not Faust's own ``rocksdb://`` store: it files each write under the partition of the event
+being processed and, inside an agent, reads only from that partition's database. recstream's
+co-visitation and popularity keys are items, written while processing users of every partition,
+so a read there would miss the counts written under another partition. This store keeps one
+database per table; reads and writes go by key alone, as with Faust's in-memory store.
+
+**Local state never runs ahead of the changelog.** A table write is first held in memory (reads
+see it at once). The consumer's commit (:func:`persist_tables`) first flushes the producer, so
+every changelog record of the writes held when the commit began has been acknowledged by the
+broker; only then are those writes, with the changelog offsets acknowledged so far, written to
+RocksDB in one atomic batch. After a crash the database therefore holds a state the changelog
+also holds, and recovery reads the changelog from the persisted offsets on: a write the crash
+caught before its commit is read back from the changelog if its record was sent, and its input
+is read again otherwise (at-least-once, repeats recognised by event id), exactly as with the
+in-memory store.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from faust.stores import STORES, base
+from faust.types import TP, EventT
+
+log = structlog.get_logger(__name__)
+
+SCHEME = "keyedrocks"
+STORES.aliases[SCHEME] = "streams.store:KeyedRocksStore"
+
+_OFFSET_PREFIX = b"\x00recstream-offset\x00"
+_DELETED = object()  # a held delete (None is a valid "absent" answer elsewhere)
+
+
+def _offset_key(tp: TP) -> bytes:
+    return _OFFSET_PREFIX + f"{tp.topic}\x00{tp.partition}".encode()
+
+
+class KeyedRocksStore(base.SerializedStore):
+    """Faust table storage in one RocksDB database per table (``<tabledir>/<table>.rocks``)."""
+
+    def __init__(self, url: Any, app: Any, table: Any, **kwargs: Any) -> None:
+        super().__init__(url, app, table, **kwargs)
+        self.db_path = Path(app.conf.tabledir) / f"{self.table_name}.rocks"
+        self._held: dict[bytes, Any] = {}  # writes not yet in RocksDB: key -> value or _DELETED
+        self._acked: dict[TP, int] = {}  # changelog offsets acknowledged, not yet persisted
+        self._snapshot: tuple[dict[bytes, Any], dict[TP, int]] | None = None
+        self.restored = 0  # changelog records applied by recovery since start
+        self._db = self._open()
+
+    def _open(self) -> Any:
+        from rocksdict import Options, Rdict
+
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return Rdict(str(self.db_path), options=Options(raw_mode=True))
+        except Exception as exc:  # rocksdict raises a bare Exception for a held lock
+            raise RuntimeError(
+                f"cannot open table store {self.db_path}: {exc} (is another worker using "
+                "the same RECSTREAM_DATA_DIR?)"
+            ) from exc
+
+    # --- reads and writes ---------------------------------------------------------------------
+
+    def _get(self, key: bytes) -> bytes | None:
+        held = self._held.get(key)
+        if held is not None:
+            return None if held is _DELETED else held
+        value = self._db.get(key)
+        return None if value is None else bytes(value)
+
+    def _set(self, key: bytes, value: bytes | None) -> None:
+        self._held[key] = _DELETED if value is None else value
+
+    def _del(self, key: bytes) -> None:
+        self._held[key] = _DELETED
+
+    def _contains(self, key: bytes) -> bool:
+        return self._get(key) is not None
+
+    def _iteritems(self) -> Iterator[tuple[bytes, bytes]]:
+        held = dict(self._held)
+        for raw, value in self._db.items():
+            key = bytes(raw)
+            if key.startswith(_OFFSET_PREFIX) or key in held:
+                continue
+            yield key, bytes(value)
+        for key, value in held.items():
+            if value is not _DELETED:
+                yield key, value
+
+    def _iterkeys(self) -> Iterator[bytes]:
+        return (k for k, _ in self._iteritems())
+
+    def _itervalues(self) -> Iterator[bytes]:
+        return (v for _, v in self._iteritems())
+
+    def _size(self) -> int:
+        return sum(1 for _ in self._iteritems())
+
+    def _clear(self) -> None:
+        self.reset_state()
+
+    # --- changelog offsets and recovery -------------------------------------------------------
+
+    def persisted_offsets(self) -> dict[TP, int]:
+        """Every changelog partition's persisted offset (their keys sort first)."""
+        out: dict[TP, int] = {}
+        for raw, value in self._db.items(from_key=_OFFSET_PREFIX):
+            key = bytes(raw)
+            if not key.startswith(_OFFSET_PREFIX):
+                break
+            topic, partition = key[len(_OFFSET_PREFIX) :].decode().rsplit("\x00", 1)
+            out[TP(topic, int(partition))] = int(bytes(value))
+        return out
+
+    def persisted_offset(self, tp: TP) -> int | None:
+        value = self._db.get(_offset_key(tp))
+        return None if value is None else int(bytes(value))
+
+    def set_persisted_offset(self, tp: TP, offset: int) -> None:
+        """Called as the broker acknowledges each changelog record: remembered, and written with
+        the held writes at the next commit."""
+        if offset > self._acked.get(tp, -1):
+            self._acked[tp] = offset
+
+    def apply_changelog_batch(
+        self,
+        batch: Iterable[EventT],
+        to_key: Callable[[Any], Any],
+        to_value: Callable[[Any], Any],
+    ) -> None:
+        """Recovery (and standby replicas): the records straight into RocksDB, with their offsets,
+        in one atomic batch."""
+        from rocksdict import WriteBatch
+
+        write = WriteBatch(raw_mode=True)
+        offsets: dict[TP, int] = {}
+        count = 0
+        for event in batch:
+            msg = event.message
+            if msg.key is None:
+                raise TypeError(f"changelog record without a key: {msg}")
+            if msg.value is None:
+                write.delete(msg.key)
+            else:
+                write.put(msg.key, msg.value)
+            offsets[msg.tp] = max(msg.offset, offsets.get(msg.tp, -1))
+            count += 1
+        for tp, offset in offsets.items():
+            write.put(_offset_key(tp), str(offset).encode())
+        self._db.write(write)
+        self.restored += count
+
+    def reset_state(self) -> None:
+        """Forget every local row and offset (the changelog is untouched)."""
+        self._held.clear()
+        self._acked.clear()
+        self._snapshot = None
+        self._db.close()
+        shutil.rmtree(self.db_path, ignore_errors=True)
+        self._db = self._open()
+
+    # --- the commit ---------------------------------------------------------------------------
+
+    def begin_commit(self) -> None:
+        """Before the producer flush: which held writes this commit may persist."""
+        self._snapshot = (dict(self._held), dict(self._acked))
+
+    def finish_commit(self) -> int:
+        """After the flush (every record of the snapshot acknowledged): write the snapshot's
+        writes and the offsets acknowledged by now; a key written again since stays held."""
+        from rocksdict import WriteBatch
+
+        if self._snapshot is None:
+            return 0
+        held, _ = self._snapshot
+        self._snapshot = None
+        write = WriteBatch(raw_mode=True)
+        for key, value in held.items():
+            if value is _DELETED:
+                write.delete(key)
+            else:
+                write.put(key, value)
+        acked = dict(self._acked)
+        for tp, offset in acked.items():
+            write.put(_offset_key(tp), str(offset).encode())
+        self._db.write(write)
+        for key, value in held.items():
+            if self._held.get(key) is value:
+                del self._held[key]
+        for tp, offset in acked.items():
+            if self._acked.get(tp) == offset:
+                del self._acked[tp]
+        return len(held)
+
+    async def backup_partition(
+        self, tp: TP | int, flush: bool = True, purge: bool = False, keep: int = 1
+    ) -> None:
+        """Backups are not kept: the changelog is the backup."""
+
+    def restore_backup(self, tp: TP | int, latest: bool = True, backup_id: int = 0) -> None:
+        """Backups are not kept: the changelog is the backup."""
+
+    def drop_snapshot(self) -> None:
+        self._snapshot = None
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        log.info(
+            "table_recovered",
+            table=self.table_name,
+            changelog_records=self.restored,
+            store=str(self.db_path),
+        )
+
+
+def keyed_stores(app: Any) -> list[KeyedRocksStore]:
+    """The app's tables kept in :class:`KeyedRocksStore`."""
+    return [t.data for t in app.tables.values() if isinstance(t.data, KeyedRocksStore)]
+
+
+def reconcile(stores: Iterable[KeyedRocksStore], ends: Callable[[list[TP]], dict[TP, int]]) -> int:
+    """Before the worker starts: empty every store whose persisted offsets the broker's changelog
+    does not reach (``ends`` gives one past each partition's last record). That is a data
+    directory kept while the topics were recreated, e.g. beside a fresh embedded broker; Faust
+    would stop with a consistency error, or read on from offsets that mean nothing now. The
+    emptied store is rebuilt from the whole changelog. Returns how many stores were emptied."""
+    emptied = 0
+    for store in stores:
+        offsets = store.persisted_offsets()
+        if not offsets:
+            continue
+        reach = ends(list(offsets))
+        behind = {tp: o for tp, o in offsets.items() if o >= reach.get(tp, 0)}
+        if behind:
+            log.warning(
+                "table_store_reset",
+                table=store.table_name,
+                reason="the changelog ends before the offsets this store persisted",
+                partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in behind),
+            )
+            store.reset_state()
+            emptied += 1
+    return emptied
