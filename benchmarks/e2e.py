@@ -408,7 +408,7 @@ def measure(
         "seconds": round(elapsed, 2),
         "latency_ms": percentiles(phase.latency_ms),
         "worker_latency_ms": percentiles(phase.extra_ms),
-        "received": len(phase.latency_ms),
+        "received": len(phase.latency_ms) - phase.coalesced,  # lists naming a measured event
         "coalesced": phase.coalesced,
         "lost": phase.lost,
         "worker_cpu_percent": round(100 * (after.cpu_s - before.cpu_s) / elapsed, 1),

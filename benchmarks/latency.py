@@ -253,15 +253,35 @@ def open_loop(
     return due, achieved
 
 
+def answered_at(planned: Sequence[Planned], arrived: dict[str, float]) -> dict[str, float]:
+    """When each event was answered: its own list's arrival, or for an event coalesced into a
+    later one, the arrival of the first list that a later event of the same user got (a user's
+    lists arrive in the order of their events, so that list is the first to reflect it)."""
+    answered: dict[str, float] = {}
+    next_list: dict[str, float] = {}
+    for event in reversed(planned):
+        at = arrived.get(event.event_id)
+        if at is not None:
+            next_list[event.key] = at
+        elif event.key in next_list:
+            at = next_list[event.key]
+        if at is not None:
+            answered[event.event_id] = at
+    return answered
+
+
 def phase_result(
     planned: Sequence[Planned], due: dict[str, float], collector: Collector, achieved: float | None
 ) -> Phase:
+    """Latency of every answered event, coalesced ones included (to the list that answered
+    them), so a list that answers a burst does not hide the wait of the burst's first events."""
     arrived, extra = collector.snapshot()
     ids = [e.event_id for e in planned]
     missing = unaccounted(planned, arrived)
     not_arrived = sum(1 for i in ids if i not in arrived)
+    answered = answered_at(planned, arrived)
     return Phase(
-        latency_ms=[(arrived[i] - due[i]) * 1000.0 for i in ids if i in arrived],
+        latency_ms=[(answered[i] - due[i]) * 1000.0 for i in ids if i in answered],
         extra_ms=[extra[i] for i in ids if i in extra],
         achieved_rate=achieved,
         coalesced=not_arrived - len(missing),

@@ -139,6 +139,17 @@ class StreamSettings(BaseModel):
     # Messages buffered per partition before Faust pauses fetching it: with agents that await
     # each batch, the bound on what a slow step (the encoder) lets pile up in memory.
     buffer_maxsize: int = Field(default=4096, ge=1, le=1_000_000)
+    # Ranking runs behind ingestion: the recommend agent writes each batch to the tables and
+    # leaves its users waiting for a fresh list; a ranking task takes up to ``rank_round`` of
+    # them at a time. When events come faster than lists can be ranked, a waiting user's further
+    # events join the wait, so one list answers them all; at ``rank_backlog`` waiting users the
+    # agent stops taking batches until the ranking catches up (memory stays bounded).
+    rank_round: int = Field(default=256, ge=1, le=100_000)
+    rank_backlog: int = Field(default=20_000, ge=1, le=10_000_000)
+    # While the agent is behind on its input (its newest update was written more than 0.25 s
+    # ago), ranking waits until the oldest waiting user has waited this long, so the worker
+    # spends its time absorbing events and each list answers more of them; 0 ranks at once.
+    rank_max_delay_ms: int = Field(default=5_000, ge=0, le=600_000)
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_host: str = "127.0.0.1"
     # The URL other workers use to reach this one's web server (REST requests for users whose

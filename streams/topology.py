@@ -178,7 +178,14 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
 
         async def user_state_agent(stream: Any) -> None:
             await update_user_state(
-                stream, step=user_step, batch_size=batch, batch_wait_s=wait_s, executor=ranking
+                stream,
+                step=user_step,
+                batch_size=batch,
+                batch_wait_s=wait_s,
+                executor=ranking,
+                round_size=settings.stream.rank_round,
+                backlog_limit=settings.stream.rank_backlog,
+                max_delay_s=settings.stream.rank_max_delay_ms / 1000,
             )
 
         topo.agents[USER_STATE_STEP] = app.agent(topics[USER_UPDATES.name], name=USER_STATE_STEP)(

@@ -8,10 +8,13 @@ per touched item, and all users are ranked with one round of batched vector-stor
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import structlog
@@ -34,6 +37,8 @@ from streams.sinks import Output, Sinks, items_changed
 STEP = "update-user-state"
 POPULAR_KEY = "__all__"
 FORGET_REVIEWS = 100_000  # a user's reviews read back on forget, to rebuild the items' profiles
+BEHIND_S = 0.25  # an agent whose newest update was written longer ago than this is behind
+DRAIN_S = 10.0  # how long a stopping worker may spend ranking the users still waiting for a list
 log = structlog.get_logger(__name__)
 
 
@@ -315,6 +320,175 @@ class UserStateStep:
         return events
 
 
+@dataclass(slots=True)
+class Due:
+    """A user waiting for a fresh list."""
+
+    request: UserRequest  # the newest state
+    trigger: UserUpdate  # the oldest update no list has answered yet: latency runs from it
+    message: Any  # that update's message, for the dead letter if ranking this user fails
+    since: float  # when the wait started (monotonic seconds)
+
+
+class Backlog:
+    """Users whose state changed and who wait for a fresh list, ranked at the ranking's own pace.
+
+    The agent writes each batch to the tables and leaves its users here; a task takes up to
+    ``round_size`` of them at a time, oldest first, ranks them on ``executor`` and emits their
+    lists, while the event loop goes on absorbing batches. While ranking keeps up, a user's list
+    follows their batch at once. When events come faster than lists can be ranked, a waiting
+    user's further events join the entry already waiting, so one list answers all of them (a
+    burst of clicks yields one fresh list, not ten stale ones) and ingestion is not held back by
+    ranking until ``limit`` users wait (then :meth:`room` holds the agent, so memory is bounded).
+
+    Ingestion comes first: while the agent is behind on its input (see :meth:`pace`), ranking
+    waits until the oldest waiting user has waited ``max_delay_s``, so each list answers more
+    events and the worker spends its time absorbing them; once the agent has caught up, everyone
+    waiting is ranked at once.
+
+    A list is derived from the state in the tables: a worker killed before it ranked a waiting
+    user has that user's events in the state (the offsets were committed after the tables were
+    written), and the user's next event, or a read of their list, ranks it again.
+    """
+
+    def __init__(
+        self,
+        step: UserStateStep,
+        executor: Executor,
+        *,
+        round_size: int,
+        limit: int,
+        max_delay_s: float = 0.0,
+    ) -> None:
+        self.step = step
+        self.executor = executor
+        self.round_size = round_size
+        self.limit = limit
+        self.max_delay_s = max_delay_s
+        self.behind = False
+        self._caught_up = asyncio.Event()
+        self.waiting: dict[str, Due] = {}
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._closing = False
+        self._task: asyncio.Future[None] | None = None
+
+    def add(self, requests: list[tuple[UserRequest, UserUpdate]], messages: dict[int, Any]) -> None:
+        """Leave each user's newest state waiting; a user already waiting keeps the trigger
+        their wait started with. ``messages``: each update's message, by ``id()`` of the update."""
+        for req, trigger in requests:
+            due = self.waiting.get(req.user_id)
+            if due is None:
+                self.waiting[req.user_id] = Due(
+                    req, trigger, messages.get(id(trigger)), time.monotonic()
+                )
+            else:
+                due.request = req
+        if self.waiting:
+            self._ready.set()
+        if len(self.waiting) >= self.limit:
+            self._room.clear()
+
+    async def room(self) -> None:
+        """Return once fewer than ``limit`` users wait. If the ranking task has ended with an
+        infrastructure failure, raise it: the agent fails with it, as when it ranked inline."""
+        self._check()
+        while len(self.waiting) >= self.limit:
+            room: asyncio.Future[Any] = asyncio.ensure_future(self._room.wait())
+            assert self._task is not None
+            await asyncio.wait([room, self._task], return_when=asyncio.FIRST_COMPLETED)
+            room.cancel()
+            self._check()
+
+    def _check(self) -> None:
+        task = self._task
+        if task is None:
+            raise RuntimeError("the backlog's ranking task is not running")
+        if task.done():
+            task.result()  # its failure
+            raise RuntimeError("the backlog's ranking task ended")
+
+    def pace(self, age_s: float) -> None:
+        """Tell the backlog how old the newest update in the agent's last batch was (since the
+        ingest hop wrote it): older than :data:`BEHIND_S` means the agent is behind on its input."""
+        self.behind = age_s > BEHIND_S
+        if self.behind:
+            self._caught_up.clear()
+        else:
+            self._caught_up.set()
+
+    def start(self) -> None:
+        """Start ranking in a task of the running event loop."""
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            if not self.waiting:
+                return  # closing, and nobody left to rank
+            wait_s = self._defer_s()
+            if wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._caught_up.wait(), wait_s)
+                continue
+            await self.rank_round()
+
+    def _defer_s(self) -> float:
+        """How much longer ranking waits for ingestion (0: rank now)."""
+        if not self.behind or self._closing or len(self.waiting) >= self.limit:
+            return 0.0
+        oldest = next(iter(self.waiting.values()))
+        return max(0.0, oldest.since + self.max_delay_s - time.monotonic())
+
+    async def close(self, timeout_s: float) -> None:
+        """Rank everyone still waiting (a clean stop), within ``timeout_s``; then stop."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._closing = True
+        self._ready.set()
+        self._caught_up.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+            log.warning("backlog_not_drained", step=STEP, waiting=len(self.waiting))
+            raise
+
+    async def rank_round(self) -> int:
+        """Rank up to ``round_size`` waiting users (oldest first) and emit their lists."""
+        dues = [self.waiting.pop(u) for u in list(islice(self.waiting, self.round_size))]
+        if not self.waiting and not self._closing:
+            self._ready.clear()
+        if len(self.waiting) < self.limit:
+            self._room.set()
+        if dues:
+            await self._rank(dues)
+        return len(dues)
+
+    async def _rank(self, dues: list[Due]) -> None:
+        step = self.step
+        requests = [(d.request, d.trigger) for d in dues]
+        step._neighbours(requests)
+        popular = step.tables.popularity.get(POPULAR_KEY) or {}
+        loop = asyncio.get_running_loop()
+        try:
+            lists = await loop.run_in_executor(
+                self.executor, step.recommender.recommend, [r for r, _ in requests], popular
+            )
+        except DATA_ERRORS as exc:
+            if len(dues) == 1:
+                if dues[0].message is not None:
+                    step.sinks.dead(stage=STEP, message=dues[0].message, exc=exc)
+                return
+            log.warning("round_failed", step=STEP, size=len(dues), error=type(exc).__name__)
+            for due in dues:
+                await self._rank([due])
+            return
+        step._emit(requests, lists)
+
+
 async def update_user_state(
     stream: Any,
     *,
@@ -322,19 +496,41 @@ async def update_user_state(
     batch_size: int,
     batch_wait_s: float,
     executor: Executor | None = None,
+    round_size: int = 256,
+    backlog_limit: int = 20_000,
+    max_delay_s: float = 0.0,
 ) -> None:
-    """Batch user updates and hand each batch to :class:`UserStateStep` (ranking on
-    ``executor`` when one is given)."""
-    async for events in stream.take_events(batch_size, within=batch_wait_s):
-        count_events(STEP, events)
-        batch: list[tuple[UserUpdate, Any]] = []
-        for event in events:
-            try:
-                batch.append((UserUpdate.model_validate_json(event.message.value), event.message))
-            except ValidationError as exc:
-                step.sinks.dead(stage=STEP, message=event.message, exc=exc)
-        if batch:
-            await run_or_isolate(step, batch, executor)
+    """Batch user updates and hand each batch to :class:`UserStateStep`: with an ``executor``,
+    the batch goes into the tables at once and its users wait in a :class:`Backlog` ranked on the
+    executor; without one, each batch is ranked inline before the next is taken."""
+    backlog = None
+    if executor is not None:
+        backlog = Backlog(
+            step, executor, round_size=round_size, limit=backlog_limit, max_delay_s=max_delay_s
+        )
+        backlog.start()
+    try:
+        async for events in stream.take_events(batch_size, within=batch_wait_s):
+            count_events(STEP, events)
+            batch: list[tuple[UserUpdate, Any]] = []
+            for event in events:
+                try:
+                    batch.append(
+                        (UserUpdate.model_validate_json(event.message.value), event.message)
+                    )
+                except ValidationError as exc:
+                    step.sinks.dead(stage=STEP, message=event.message, exc=exc)
+            if not batch:
+                continue
+            if backlog is None:
+                run_or_isolate(step, batch)
+            else:
+                absorb_or_isolate(step, batch, backlog)
+                backlog.pace(time.time() - events[-1].message.timestamp)
+                await backlog.room()
+    finally:
+        if backlog is not None:
+            await backlog.close(DRAIN_S)
 
 
 #: Errors that mean "this update cannot be processed", as opposed to infrastructure failures
@@ -342,28 +538,38 @@ async def update_user_state(
 DATA_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 
 
-async def run_or_isolate(
-    step: UserStateStep, batch: list[tuple[UserUpdate, Any]], executor: Executor | None = None
+def absorb_or_isolate(
+    step: UserStateStep, batch: list[tuple[UserUpdate, Any]], backlog: Backlog
 ) -> None:
-    """Run the batch; on a data error, run its updates one by one and dead-letter the failures.
-
-    Updates applied before the failing one in the batch may be applied again in the retry (the
-    co-visitation counts of that batch can count twice); nothing is lost.
-    """
-
-    async def run(updates: list[UserUpdate]) -> None:
-        if executor is None:
-            step.run(updates)
-        else:
-            await step.run_async(updates, executor)
-
+    """Write the batch to the tables and leave its users in ``backlog``; on a data error, absorb
+    its updates one by one and dead-letter the failures."""
+    messages = {id(update): message for update, message in batch}
     try:
-        await run([up for up, _ in batch])
+        requests, _ = step.absorb([up for up, _ in batch])
+    except DATA_ERRORS as exc:
+        log.warning("batch_failed", step=STEP, size=len(batch), error=type(exc).__name__)
+    else:
+        backlog.add(requests, messages)
+        return
+    for update, message in batch:
+        try:
+            requests, _ = step.absorb([update])
+        except DATA_ERRORS as exc:
+            step.sinks.dead(stage=STEP, message=message, exc=exc)
+        else:
+            backlog.add(requests, messages)
+
+
+def run_or_isolate(step: UserStateStep, batch: list[tuple[UserUpdate, Any]]) -> None:
+    """Run the batch (tables and lists inline); on a data error, run its updates one by one and
+    dead-letter the failures (a retried update the state has already seen is skipped)."""
+    try:
+        step.run([up for up, _ in batch])
         return
     except DATA_ERRORS as exc:
         log.warning("batch_failed", step=STEP, size=len(batch), error=type(exc).__name__)
     for update, message in batch:
         try:
-            await run([update])
+            step.run([update])
         except DATA_ERRORS as exc:
             step.sinks.dead(stage=STEP, message=message, exc=exc)

@@ -24,10 +24,10 @@ from models.ranking import ItemInfo, RankInput, explain, explain_all
 from models.recommender import Recommender, UserRequest
 from models.state import Fusion, ReviewRef, UserState, apply_interaction
 from schemas.internal import EncodeRequest, UserUpdate
-from schemas.topics import RECOMMENDATIONS, USER_UPDATES
+from schemas.topics import DEAD_LETTER, RECOMMENDATIONS, USER_UPDATES
 from streams.encode import EncodeStep
 from streams.sinks import ITEMS_NOTICE_KEY, Sinks
-from streams.user_state import Tables, UserStateStep
+from streams.user_state import Backlog, Tables, UserStateStep, absorb_or_isolate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
 
@@ -368,48 +368,176 @@ def test_a_worker_indexes_the_items_it_opens_once(tmp_path: Path) -> None:
     small.close()
 
 
-def test_ranking_on_an_executor_gives_the_lists_of_the_inline_step(edge: EdgeVectorStore) -> None:
-    """The worker's step ranks on a thread (run_async); for the same updates it writes the same
-    tables and emits the same lists, in the same order, as the inline run."""
-    from concurrent.futures import ThreadPoolExecutor
+def _behaviour(n: int, user: str, item: str, *, received_ms: int = TS) -> UserUpdate:
+    return UserUpdate(
+        event_id=f"b{n}",
+        ts=TS + n,
+        received_ms=received_ms,
+        kind="behavior",
+        user_id=user,
+        event_type="click" if n % 2 else "view",
+        item_id=item,
+    )
 
-    def updates() -> list[UserUpdate]:
-        return [
-            UserUpdate(
-                event_id=f"b{n}",
-                ts=TS + n,
-                received_ms=TS,
-                kind="behavior",
-                user_id=f"u{n % 3}",
-                event_type="click" if n % 2 else "view",
-                item_id=f"i{(n * 7) % 100}",
-            )
-            for n in range(12)
-        ]
 
-    def step() -> tuple[UserStateStep, Tables]:
-        cfg = RankingSettings(k=5)
-        tables = Tables(users={}, covisit={}, popularity={})
-        rec = Recommender(edge, cfg, Fusion.untrained(cfg.behaviour_weight), "items", "reviews")
-        return UserStateStep(
+def _backlog_step(edge: EdgeVectorStore) -> tuple[UserStateStep, Tables, _Topic]:
+    cfg = RankingSettings(k=5)
+    tables = Tables(users={}, covisit={}, popularity={})
+    topic = _Topic()
+    rec = Recommender(edge, cfg, Fusion.untrained(cfg.behaviour_weight), "items", "reviews")
+    return (
+        UserStateStep(
             tables=tables,
             recommender=rec,
             store=edge,
             reviews_collection="reviews",
-            sinks=Sinks({RECOMMENDATIONS.name: _Topic()}),
+            sinks=Sinks({RECOMMENDATIONS.name: topic, DEAD_LETTER.name: topic}),
             model_version="test@1",
             max_recent=50,
-        ), tables
+        ),
+        tables,
+        topic,
+    )
 
-    inline, inline_tables = step()
-    threaded, threaded_tables = step()
-    expected = inline.run(updates())
-    got = asyncio.run(threaded.run_async(updates(), ThreadPoolExecutor(1)))
-    assert [(e.user_id, e.trigger_event_id, e.items) for e in got] == [
-        (e.user_id, e.trigger_event_id, e.items) for e in expected
-    ]
-    assert len(got) == 3
-    assert threaded_tables == inline_tables
+
+def _lists(topic: _Topic) -> list[tuple[str, str, list[str]]]:
+    """(user, trigger, items) of each list sent, in order."""
+    out = []
+    for _, value, _ in topic.sent:
+        body = json.loads(value)
+        if "items" in body:
+            out.append(
+                (body["user_id"], body["trigger_event_id"], [i["item_id"] for i in body["items"]])
+            )
+    return out
+
+
+def test_the_backlog_ranks_the_lists_of_the_inline_step(edge: EdgeVectorStore) -> None:
+    """The worker absorbs a batch into the tables and ranks its users from the backlog on a
+    thread; for the same updates it writes the same tables and sends the same lists, in the same
+    order, as the inline step."""
+    updates = [_behaviour(n, f"u{n % 3}", f"i{(n * 7) % 100}") for n in range(12)]
+    inline, inline_tables, inline_topic = _backlog_step(edge)
+    inline.run(updates)
+    step, tables, topic = _backlog_step(edge)
+
+    async def go() -> None:
+        backlog = Backlog(step, ThreadPoolExecutor(1), round_size=256, limit=100)
+        backlog.start()
+        absorb_or_isolate(step, [(u, None) for u in updates], backlog)
+        assert sorted(backlog.waiting) == ["u0", "u1", "u2"]
+        await backlog.close(10.0)
+
+    asyncio.run(go())
+    assert _lists(topic) == _lists(inline_topic)
+    assert [u for u, _, _ in _lists(topic)] == ["u0", "u1", "u2"]
+    assert tables == inline_tables
+
+
+def test_a_waiting_user_gets_one_list_for_every_event_since_their_last(
+    edge: EdgeVectorStore,
+) -> None:
+    """Three batches absorbed while the ranking is busy leave each user waiting once: the next
+    round sends one list per user, naming their newest event as its trigger, with its latency
+    counted from their oldest unanswered event; the state holds all the events."""
+    step, tables, topic = _backlog_step(edge)
+
+    async def go() -> None:
+        backlog = Backlog(step, ThreadPoolExecutor(1), round_size=256, limit=100)  # not started
+        for n in range(9):
+            batch = [(_behaviour(n, f"u{n % 2}", f"i{n + 1}", received_ms=TS + n * 1000), None)]
+            absorb_or_isolate(step, batch, backlog)
+        assert list(backlog.waiting) == ["u0", "u1"]
+        assert backlog.waiting["u0"].trigger.event_id == "b0"
+        assert await backlog.rank_round() == 2
+        assert await backlog.rank_round() == 0
+
+    asyncio.run(go())
+    sent = [json.loads(v) for _, v, _ in topic.sent]
+    assert [(b["user_id"], b["trigger_event_id"]) for b in sent] == [("u0", "b8"), ("u1", "b7")]
+    assert sent[0]["latency_ms"] > sent[1]["latency_ms"]  # u0 waits since b0 (at TS), u1 since b1
+    assert sent[0]["latency_ms"] - sent[1]["latency_ms"] == pytest.approx(1000, abs=500)
+    assert UserState.from_dict(tables.users["u0"]).events == 5
+    assert UserState.from_dict(tables.users["u1"]).events == 4
+
+
+def test_a_full_backlog_holds_the_agent_until_a_round_frees_room(edge: EdgeVectorStore) -> None:
+    """With ``limit`` users waiting, room() does not return until the ranking task has taken a
+    round; below the limit it returns at once."""
+    step, _, topic = _backlog_step(edge)
+
+    async def go() -> list[str]:
+        backlog = Backlog(step, ThreadPoolExecutor(1), round_size=1, limit=2)
+        backlog.start()
+        order: list[str] = []
+        absorb_or_isolate(step, [(_behaviour(0, "a", "i1"), None)], backlog)
+        await backlog.room()
+        order.append(f"room with {len(backlog.waiting)} waiting")
+        absorb_or_isolate(
+            step, [(_behaviour(1, "b", "i2"), None), (_behaviour(2, "c", "i3"), None)], backlog
+        )
+        assert len(backlog.waiting) >= 2
+        await backlog.room()
+        order.append(f"room with {len(backlog.waiting)} waiting")
+        await backlog.close(10.0)
+        return order
+
+    order = asyncio.run(go())
+    assert order[1] == "room with 1 waiting"
+    assert sorted(u for u, _, _ in _lists(topic)) == ["a", "b", "c"]
+
+
+def test_a_user_whose_ranking_fails_is_dead_lettered_and_the_round_goes_on(
+    edge: EdgeVectorStore,
+) -> None:
+    """A data error while ranking a round is isolated: the round is ranked user by user, the
+    failing user's triggering update goes to the dead-letter topic with its original bytes, and
+    everyone else gets a list; an infrastructure error stops the agent instead."""
+    from types import SimpleNamespace
+
+    step, _, topic = _backlog_step(edge)
+    recommend = step.recommender.recommend
+
+    def poisoned(requests, popular):  # type: ignore[no-untyped-def]
+        if any(r.user_id == "poison" for r in requests):
+            raise ValueError("cannot rank this user")
+        return recommend(requests, popular)
+
+    step.recommender.recommend = poisoned  # type: ignore[method-assign]
+    raw = SimpleNamespace(value=b"raw-poison", topic=USER_UPDATES.name, partition=0, offset=7)
+
+    async def go() -> None:
+        backlog = Backlog(step, ThreadPoolExecutor(1), round_size=256, limit=100)
+        backlog.start()
+        batch = [
+            (_behaviour(0, "a", "i1"), None),
+            (_behaviour(1, "poison", "i2"), raw),
+            (_behaviour(2, "b", "i3"), None),
+        ]
+        absorb_or_isolate(step, batch, backlog)
+        await backlog.close(10.0)
+
+    asyncio.run(go())
+    assert [u for u, _, _ in _lists(topic)] == ["a", "b"]
+    letters = [json.loads(v) for _, v, _ in topic.sent if b"payload_b64" in v]
+    assert [(d["stage"], d["error_type"]) for d in letters] == [("update-user-state", "ValueError")]
+    assert letters[0]["payload_b64"] == "cmF3LXBvaXNvbg=="  # b"raw-poison"
+
+    def broken(requests, popular):  # type: ignore[no-untyped-def]
+        raise ConnectionError("vector store gone")
+
+    step.recommender.recommend = broken  # type: ignore[method-assign]
+
+    async def infra() -> None:
+        backlog = Backlog(step, ThreadPoolExecutor(1), round_size=256, limit=1)
+        backlog.start()
+        absorb_or_isolate(step, [(_behaviour(3, "d", "i4"), None)], backlog)
+        for _ in range(200):  # the agent asks for room after every batch
+            await backlog.room()
+            await asyncio.sleep(0.05)
+
+    with pytest.raises(ConnectionError, match="vector store gone"):
+        asyncio.run(infra())
 
 
 def test_the_worker_producer_lingers_as_configured(tmp_path: Path) -> None:

@@ -772,13 +772,10 @@ def test_user_state_step_forget_deletes_state_and_emits_nothing(store: EdgeVecto
     assert set(tables.popularity[POPULAR_KEY]) == {"b2"}  # u2's forgotten batch counts nowhere
 
 
-@pytest.mark.parametrize("threaded", [False, True])
-def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(threaded: bool) -> None:
+def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on() -> None:
     """When one update in a batch raises a data error, the others are still applied and only the
-    failing one goes to the dead-letter topic, with its original bytes; the same when the
-    ranking runs on an executor thread (the error crosses back to the event loop)."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
+    failing one goes to the dead-letter topic, with its original bytes (the inline path; the
+    worker's backlog is tested in test_hot_path)."""
     from types import SimpleNamespace
 
     from streams.user_state import run_or_isolate
@@ -800,9 +797,6 @@ def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(threaded: bo
             self.applied.extend(u.user_id for u in updates)
             return []
 
-        async def run_async(self, updates, executor):
-            return await asyncio.get_running_loop().run_in_executor(executor, self.run, updates)
-
     def update(user: str) -> UserUpdate:
         return UserUpdate(
             event_id=f"e-{user}",
@@ -816,8 +810,7 @@ def test_a_failing_update_is_dead_lettered_alone_and_the_rest_go_on(threaded: bo
 
     step = Flaky()
     batch = [(update(u), SimpleNamespace(value=f"raw-{u}".encode())) for u in ("a", "poison", "b")]
-    executor = ThreadPoolExecutor(1) if threaded else None
-    asyncio.run(run_or_isolate(step, batch, executor))  # type: ignore[arg-type]
+    run_or_isolate(step, batch)  # type: ignore[arg-type]
     assert step.applied == ["a", "b"]
     assert step.dead == [("update-user-state", b"raw-poison")]
 
