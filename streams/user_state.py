@@ -38,6 +38,7 @@ STEP = "update-user-state"
 POPULAR_KEY = "__all__"
 FORGET_REVIEWS = 100_000  # a user's reviews read back on forget, to rebuild the items' profiles
 BEHIND_S = 0.25  # an agent whose newest update was written longer ago than this is behind
+IDLE_S = 0.1  # an agent that has taken no batch for this long has caught up
 DRAIN_S = 10.0  # how long a stopping worker may spend ranking the users still waiting for a list
 log = structlog.get_logger(__name__)
 
@@ -366,6 +367,7 @@ class Backlog:
         self.limit = limit
         self.max_delay_s = max_delay_s
         self.behind = False
+        self._paced_at = 0.0
         self._caught_up = asyncio.Event()
         self.waiting: dict[str, Due] = {}
         self._ready = asyncio.Event()
@@ -413,6 +415,7 @@ class Backlog:
         """Tell the backlog how old the newest update in the agent's last batch was (since the
         ingest hop wrote it): older than :data:`BEHIND_S` means the agent is behind on its input."""
         self.behind = age_s > BEHIND_S
+        self._paced_at = time.monotonic()
         if self.behind:
             self._caught_up.clear()
         else:
@@ -430,16 +433,22 @@ class Backlog:
             wait_s = self._defer_s()
             if wait_s > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._caught_up.wait(), wait_s)
+                    await asyncio.wait_for(self._caught_up.wait(), min(wait_s, IDLE_S))
                 continue
             await self.rank_round()
 
     def _defer_s(self) -> float:
         """How much longer ranking waits for ingestion (0: rank now)."""
-        if not self.behind or self._closing or len(self.waiting) >= self.limit:
+        now = time.monotonic()
+        if (
+            not self.behind
+            or now - self._paced_at > IDLE_S  # no batch since: the agent has caught up
+            or self._closing
+            or len(self.waiting) >= self.limit
+        ):
             return 0.0
         oldest = next(iter(self.waiting.values()))
-        return max(0.0, oldest.since + self.max_delay_s - time.monotonic())
+        return max(0.0, oldest.since + self.max_delay_s - now)
 
     async def close(self, timeout_s: float) -> None:
         """Rank everyone still waiting (a clean stop), within ``timeout_s``; then stop."""
@@ -449,12 +458,25 @@ class Backlog:
         self._closing = True
         self._ready.set()
         self._caught_up.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout_s)
-        except (TimeoutError, asyncio.CancelledError):
+        waiting = len(self.waiting)
+        deadline = time.monotonic() + timeout_s
+        cancelled = False
+        while not task.done():
+            # A stopping Faust agent is also cancelled: finish the drain first (within the
+            # deadline), then let the cancellation through.
+            try:
+                await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            except asyncio.CancelledError:
+                cancelled = True
+            except TimeoutError:
+                break
+        if not task.done():
             task.cancel()
             log.warning("backlog_not_drained", step=STEP, waiting=len(self.waiting))
-            raise
+        elif waiting:
+            log.info("backlog_drained", step=STEP, ranked=waiting)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def rank_round(self) -> int:
         """Rank up to ``round_size`` waiting users (oldest first) and emit their lists."""

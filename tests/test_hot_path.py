@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -538,6 +539,56 @@ def test_a_user_whose_ranking_fails_is_dead_lettered_and_the_round_goes_on(
 
     with pytest.raises(ConnectionError, match="vector store gone"):
         asyncio.run(infra())
+
+
+def test_a_behind_agent_defers_ranking_and_a_stop_ranks_everyone_waiting(
+    edge: EdgeVectorStore,
+) -> None:
+    """The agent fed updates written 10 s ago is behind: with a long deferral it absorbs batch
+    after batch and sends no list while its input lasts; when its stream ends (Faust ends an
+    agent's stream to stop it), every waiting user gets one list naming their newest event."""
+    from types import SimpleNamespace
+
+    from streams.user_state import update_user_state
+
+    step, tables, topic = _backlog_step(edge)
+    seen_before_end: list[int] = []
+
+    class Stream:
+        async def take_events(self, batch_size: int, within: float):  # type: ignore[no-untyped-def]
+            for b in range(3):
+                seen_before_end.append(len(_lists(topic)))
+                updates = [
+                    _behaviour(b * 4 + n, f"u{n % 2}", f"i{b * 4 + n + 1}") for n in range(4)
+                ]
+                yield [
+                    SimpleNamespace(
+                        message=SimpleNamespace(
+                            value=u.model_dump_json().encode(),
+                            timestamp=time.time() - 10.0,
+                            topic=USER_UPDATES.name,
+                            partition=0,
+                            offset=b * 4 + n,
+                        )
+                    )
+                    for n, u in enumerate(updates)
+                ]
+                await asyncio.sleep(0.05)  # time for a ranking round, were one due
+            seen_before_end.append(len(_lists(topic)))
+
+    asyncio.run(
+        update_user_state(
+            Stream(),
+            step=step,
+            batch_size=500,
+            batch_wait_s=0.005,
+            executor=ThreadPoolExecutor(1),
+            max_delay_s=600.0,
+        )
+    )
+    assert seen_before_end == [0, 0, 0, 0]
+    assert [(u, t) for u, t, _ in _lists(topic)] == [("u0", "b10"), ("u1", "b11")]
+    assert UserState.from_dict(tables.users["u0"]).events == 6
 
 
 def test_the_worker_producer_lingers_as_configured(tmp_path: Path) -> None:

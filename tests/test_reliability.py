@@ -450,6 +450,52 @@ def test_sigterm_stops_cleanly_and_nothing_is_applied_or_listed_twice(
     assert max(pairs.values()) == 1
 
 
+@pytest.mark.stack
+def test_sigterm_while_ranking_is_deferred_sends_every_waiting_user_their_list(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A burst puts the recommend agent behind, and with a 10-minute deferral its users wait for
+    their lists; a SIGTERM then still ranks them before the worker exits (code 0, the drain
+    logged), so every user's last list names the newest event in their state."""
+    stack = Stack(settings, tmp_path, RECSTREAM_STREAM__RANK_MAX_DELAY_MS="600000")
+    try:
+        stack.publish(*catalogue(60))
+        deadline = time.monotonic() + 180
+        while group_progress(settings.kafka, GROUP, ENCODE_REQUESTS.name)[0] < 60:
+            stack.assert_alive()
+            assert time.monotonic() < deadline, stack.log()
+            time.sleep(0.5)
+        stack.publish(PROBE)
+        stack.wait_for(lambda b: b.get("user_id") == "probe", "the probe user's list", 180)
+        burst = _behaviour(8000, users=30, items=20, prefix="d")  # 40 items stay recommendable
+        for event in burst:
+            stack.producer.produce(
+                BEHAVIOR.name, key=event["user_id"].encode(), value=json.dumps(event).encode()
+            )
+            stack.producer.poll(0)
+        assert stack.producer.flush(30) == 0
+        deadline = time.monotonic() + 120
+        while group_progress(settings.kafka, GROUP, USER_UPDATES.name)[0] < 300:
+            stack.assert_alive()
+            assert time.monotonic() < deadline, stack.log()
+            time.sleep(0.05)
+        stack.proc.terminate()
+        assert stack.proc.wait(60) == 0, stack.log()
+        assert "backlog_drained" in stack.log(), "the stop left no drained backlog in the log"
+    finally:
+        stack.stop()
+    newest = {
+        u: UserState.from_dict(v).last_event_id
+        for u, v in _read_table(settings, "user-state").items()
+    }
+    last_list: dict[str, str] = {}
+    for _, value in _read_topic(settings, RECOMMENDATIONS.name):
+        body = json.loads(value or b"{}")
+        last_list[body["user_id"]] = body["trigger_event_id"]
+    assert len(newest) == 31  # the probe and the burst's 30 users
+    assert last_list == newest
+
+
 #: How long the broker stops answering in the partition test: longer than the worker's
 #: session timeout would let a group rebalance, shorter than the producers' delivery timeout.
 PAUSE_S = 15.0
