@@ -193,19 +193,10 @@ def _floor_message(value: bytes) -> tuple[str, float | None]:
 
 
 def unaccounted(planned: Sequence[Planned], arrived: dict[str, float]) -> list[Planned]:
-    """Events with no recommendation that no later event of the same user got one for.
-
-    Recommendations are keyed by user, so they arrive in the order of that user's events: once a
-    later event's list has come, an earlier event without one was coalesced into it.
-    """
-    answered: set[str] = set()
-    missing = []
-    for event in reversed(planned):
-        if event.event_id in arrived:
-            answered.add(event.key)
-        elif event.key not in answered:
-            missing.append(event)
-    return missing
+    """Events with no recommendation that no later event of the same user got one for (those
+    :func:`answered_at` cannot date)."""
+    answered = answered_at(planned, arrived)
+    return [e for e in planned if e.event_id not in answered]
 
 
 def await_arrivals(
@@ -255,8 +246,12 @@ def open_loop(
 
 def answered_at(planned: Sequence[Planned], arrived: dict[str, float]) -> dict[str, float]:
     """When each event was answered: its own list's arrival, or for an event coalesced into a
-    later one, the arrival of the first list that a later event of the same user got (a user's
-    lists arrive in the order of their events, so that list is the first to reflect it)."""
+    later one, the arrival of the first list that a later event of the same user got.
+
+    Recommendations are keyed by user, so they arrive in the order of that user's events: once a
+    later event's list has come, an earlier event without one was coalesced into it, and that
+    list is the first to reflect it.
+    """
     answered: dict[str, float] = {}
     next_list: dict[str, float] = {}
     for event in reversed(planned):
@@ -277,15 +272,15 @@ def phase_result(
     them), so a list that answers a burst does not hide the wait of the burst's first events."""
     arrived, extra = collector.snapshot()
     ids = [e.event_id for e in planned]
-    missing = unaccounted(planned, arrived)
-    not_arrived = sum(1 for i in ids if i not in arrived)
     answered = answered_at(planned, arrived)
+    missing = sum(1 for i in ids if i not in answered)
+    not_arrived = sum(1 for i in ids if i not in arrived)
     return Phase(
         latency_ms=[(answered[i] - due[i]) * 1000.0 for i in ids if i in answered],
         extra_ms=[extra[i] for i in ids if i in extra],
         achieved_rate=achieved,
-        coalesced=not_arrived - len(missing),
-        lost=len(missing),
+        coalesced=not_arrived - missing,
+        lost=missing,
     )
 
 

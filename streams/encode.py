@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
-from pydantic import ValidationError
 
 from infra.vectors import VectorPoint, VectorStore, point_id
 from models.encoder import TextEncoder
@@ -283,14 +282,7 @@ async def encode_text(
     """Micro-batch encode requests and hand each batch to :class:`EncodeStep`."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
         count_events(STEP, events)
-        batch = []
-        for event in events:
-            try:
-                batch.append(
-                    (EncodeRequest.model_validate_json(event.message.value), event.message)
-                )
-            except ValidationError as exc:
-                step.sinks.dead(stage=STEP, message=event.message, exc=exc)
+        batch = step.sinks.parse(events, EncodeRequest, stage=STEP)
         if batch:
             await step.run(batch)
 

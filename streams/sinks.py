@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
+from pydantic import BaseModel, ValidationError
 
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.serde import dead_letter, encode
@@ -14,6 +15,7 @@ from schemas.topics import DEAD_LETTER, USER_UPDATES, TopicSpec
 from streams.observe import dead_lettered
 
 log = structlog.get_logger(__name__)
+RecordT = TypeVar("RecordT", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,19 @@ class Sinks:
     def send_all(self, outs: Iterable[Output]) -> None:
         for out in outs:
             self.send(out)
+
+    def parse(
+        self, events: Iterable[Any], model: type[RecordT], *, stage: str
+    ) -> list[tuple[RecordT, Any]]:
+        """Each Faust event's message validated as ``model``, with the message; a message that
+        does not validate goes to the dead-letter topic with its reason and bytes."""
+        parsed = []
+        for event in events:
+            try:
+                parsed.append((model.model_validate_json(event.message.value), event.message))
+            except ValidationError as exc:
+                self.dead(stage=stage, message=event.message, exc=exc)
+        return parsed
 
     def dead(self, *, stage: str, message: Any, exc: Exception) -> None:
         """Route a rejected input (a Faust message) to the dead-letter topic with its bytes."""

@@ -1,8 +1,10 @@
 """User state: consumes user updates; writes the user, co-visitation and popularity tables and emits
-one fresh recommendation per user per batch (a burst of events yields one list, not ten).
+one fresh recommendation per user for everything since their last list (a burst of events yields
+one list, not ten).
 
 Per batch: updates are grouped by user, each user's state is written once, co-visitation counts once
-per touched item, and all users are ranked with one round of batched vector-store calls.
+per touched item. The users then wait in a :class:`Backlog`, ranked a round at a time with one round
+of batched vector-store calls.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from itertools import islice
 from typing import Any
 
 import structlog
-from pydantic import ValidationError
 
 from infra.vectors import VectorStore
 from infra.vectors.cached import CachedStore
@@ -187,8 +188,8 @@ class UserStateStep:
     def run(self, updates: list[UserUpdate]) -> list[RecommendationEvent]:
         """Update every user in the batch once and emit their fresh lists."""
         requests, popular = self.absorb(updates)
-        self._neighbours(requests)
-        return self._emit(requests, self.recommender.recommend([r for r, _ in requests], popular))
+        self.neighbours(requests)
+        return self.emit(requests, self.recommender.recommend([r for r, _ in requests], popular))
 
     def absorb(
         self, updates: list[UserUpdate]
@@ -274,21 +275,7 @@ class UserStateStep:
             profiles=len(set(reviewed)),
         )
 
-    async def run_async(
-        self, updates: list[UserUpdate], executor: Executor
-    ) -> list[RecommendationEvent]:
-        """:meth:`run` with the ranking on ``executor``: tables and sends stay on the event loop,
-        which meanwhile keeps fetching, so the next batch fills while this one is ranked (and a
-        busier stream coalesces more events into each user's list)."""
-        requests, popular = self.absorb(updates)
-        self._neighbours(requests)
-        loop = asyncio.get_running_loop()
-        lists = await loop.run_in_executor(
-            executor, self.recommender.recommend, [r for r, _ in requests], popular
-        )
-        return self._emit(requests, lists)
-
-    def _neighbours(self, requests: list[tuple[UserRequest, UserUpdate]]) -> None:
+    def neighbours(self, requests: list[tuple[UserRequest, UserUpdate]]) -> None:
         for req, _ in requests:
             req.neighbours = self._neighbours_of(req.state)
 
@@ -296,7 +283,7 @@ class UserStateStep:
         covisit = self.tables.covisit
         return {src: n for src in covisit_sources(state) if (n := covisit.get(src))}
 
-    def _emit(
+    def emit(
         self, requests: list[tuple[UserRequest, UserUpdate]], lists: list[list[Ranked]]
     ) -> list[RecommendationEvent]:
         version = self.model_version() if callable(self.model_version) else self.model_version
@@ -366,9 +353,9 @@ class Backlog:
         self.round_size = round_size
         self.limit = limit
         self.max_delay_s = max_delay_s
-        self.behind = False
         self._paced_at = 0.0
-        self._caught_up = asyncio.Event()
+        self._caught_up = asyncio.Event()  # clear while the agent is behind on its input
+        self._caught_up.set()
         self.waiting: dict[str, Due] = {}
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
@@ -414,9 +401,8 @@ class Backlog:
     def pace(self, age_s: float) -> None:
         """Tell the backlog how old the newest update in the agent's last batch was (since the
         ingest hop wrote it): older than :data:`BEHIND_S` means the agent is behind on its input."""
-        self.behind = age_s > BEHIND_S
         self._paced_at = time.monotonic()
-        if self.behind:
+        if age_s > BEHIND_S:
             self._caught_up.clear()
         else:
             self._caught_up.set()
@@ -441,7 +427,7 @@ class Backlog:
         """How much longer ranking waits for ingestion (0: rank now)."""
         now = time.monotonic()
         if (
-            not self.behind
+            self._caught_up.is_set()
             or now - self._paced_at > IDLE_S  # no batch since: the agent has caught up
             or self._closing
             or len(self.waiting) >= self.limit
@@ -492,7 +478,7 @@ class Backlog:
     async def _rank(self, dues: list[Due]) -> None:
         step = self.step
         requests = [(d.request, d.trigger) for d in dues]
-        step._neighbours(requests)
+        step.neighbours(requests)
         popular = step.tables.popularity.get(POPULAR_KEY) or {}
         loop = asyncio.get_running_loop()
         try:
@@ -508,7 +494,7 @@ class Backlog:
             for due in dues:
                 await self._rank([due])
             return
-        step._emit(requests, lists)
+        step.emit(requests, lists)
 
 
 async def update_user_state(
@@ -534,14 +520,7 @@ async def update_user_state(
     try:
         async for events in stream.take_events(batch_size, within=batch_wait_s):
             count_events(STEP, events)
-            batch: list[tuple[UserUpdate, Any]] = []
-            for event in events:
-                try:
-                    batch.append(
-                        (UserUpdate.model_validate_json(event.message.value), event.message)
-                    )
-                except ValidationError as exc:
-                    step.sinks.dead(stage=STEP, message=event.message, exc=exc)
+            batch = step.sinks.parse(events, UserUpdate, stage=STEP)
             if not batch:
                 continue
             if backlog is None:
@@ -563,35 +542,32 @@ DATA_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 def absorb_or_isolate(
     step: UserStateStep, batch: list[tuple[UserUpdate, Any]], backlog: Backlog
 ) -> None:
-    """Write the batch to the tables and leave its users in ``backlog``; on a data error, absorb
-    its updates one by one and dead-letter the failures."""
+    """Write the batch to the tables and leave its users in ``backlog``, isolating failures as
+    :func:`run_or_isolate` does."""
     messages = {id(update): message for update, message in batch}
-    try:
-        requests, _ = step.absorb([up for up, _ in batch])
-    except DATA_ERRORS as exc:
-        log.warning("batch_failed", step=STEP, size=len(batch), error=type(exc).__name__)
-    else:
-        backlog.add(requests, messages)
-        return
-    for update, message in batch:
-        try:
-            requests, _ = step.absorb([update])
-        except DATA_ERRORS as exc:
-            step.sinks.dead(stage=STEP, message=message, exc=exc)
-        else:
-            backlog.add(requests, messages)
+
+    def absorb(updates: list[UserUpdate]) -> None:
+        backlog.add(step.absorb(updates)[0], messages)
+
+    run_or_isolate(step, batch, absorb)
 
 
-def run_or_isolate(step: UserStateStep, batch: list[tuple[UserUpdate, Any]]) -> None:
-    """Run the batch (tables and lists inline); on a data error, run its updates one by one and
-    dead-letter the failures (a retried update the state has already seen is skipped)."""
+def run_or_isolate(
+    step: UserStateStep,
+    batch: list[tuple[UserUpdate, Any]],
+    apply: Callable[[list[UserUpdate]], Any] | None = None,
+) -> None:
+    """Apply the batch with ``apply`` (default :meth:`UserStateStep.run`: tables and lists
+    inline); on a data error, apply its updates one by one and dead-letter the failures (a
+    retried update the state has already seen is skipped)."""
+    apply = apply or step.run
     try:
-        step.run([up for up, _ in batch])
+        apply([up for up, _ in batch])
         return
     except DATA_ERRORS as exc:
         log.warning("batch_failed", step=STEP, size=len(batch), error=type(exc).__name__)
     for update, message in batch:
         try:
-            step.run([update])
+            apply([update])
         except DATA_ERRORS as exc:
             step.sinks.dead(stage=STEP, message=message, exc=exc)
