@@ -38,7 +38,7 @@ from models.evaluation.protocols import run_prequential
 from producers.producer import BehaviorProducer
 from producers.replay import iter_rows, load_sorted_log
 from schemas.eventlog import from_row
-from schemas.topics import ENCODE_REQUESTS, USER_UPDATES
+from schemas.topics import BEHAVIOR, ENCODE_REQUESTS, USER_UPDATES
 from streams.spawn import spawn_worker, stop_process
 
 GROUP = "recstream"
@@ -97,8 +97,10 @@ def online(
             _wait_committed(settings, ENCODE_REQUESTS.name, len(items), 600)
             seconds = _publish(settings, rest, rate)
             reviews = sum(r["type"] == "review" for r in rest)
+            _wait_committed(settings, BEHAVIOR.name, 0, 1800)  # the ingest hop is through
             _wait_committed(settings, ENCODE_REQUESTS.name, len(items) + reviews, 1800)
-            _wait_committed(settings, USER_UPDATES.name, len(rest) + reviews, 1800)
+            # user updates travel several to a message: done at the topic's end
+            _wait_committed(settings, USER_UPDATES.name, 0, 1800)
             report = run_online_eval(
                 settings,
                 k,

@@ -67,7 +67,7 @@ from infra.metrics import parse
 from infra.settings import Settings
 from models.state import UserState
 from producers.producer import BehaviorProducer
-from schemas.topics import DEAD_LETTER, USER_UPDATES, TopicSpec
+from schemas.topics import BEHAVIOR, DEAD_LETTER, USER_UPDATES, TopicSpec
 from streams.observe import LAG
 from streams.spawn import spawn_worker, stop_process
 
@@ -246,13 +246,21 @@ def handover(args: argparse.Namespace) -> Callable[[Settings, Fleet, Counter[str
         more = load(rng, "handover", args.handover_events, args.users, args.items)
         sent.update(p.key for p in more)
         group = f"{settings.stream.app_id}-recommend"
+        ingest = f"{settings.stream.app_id}-ingest"
         base = committed(settings, USER_UPDATES.name, group)
+        forwarded = committed(settings, BEHAVIOR.name, ingest)
         with BehaviorProducer(settings, source="benchmark", linger_ms=5) as producer:
             for event in more:
                 send_planned(producer, event)
             producer.flush()
+        # The ingest hop packs several updates to a message: once it has forwarded the load,
+        # the recommend workers are through it at the user-update topic's end.
+        while committed(settings, BEHAVIOR.name, ingest) < forwarded + len(more):
+            fleet.alive()
+            time.sleep(0.1)
+        end = end_offsets(settings, USER_UPDATES.name)
         # Stop one recommend worker once the fleet is a quarter through the second load.
-        while committed(settings, USER_UPDATES.name, group) < base + len(more) // 4:
+        while committed(settings, USER_UPDATES.name, group) < base + (end - base) // 4:
             fleet.alive()
             time.sleep(0.1)
         moved = owned(fleet.url("recommend-2"))
@@ -262,7 +270,7 @@ def handover(args: argparse.Namespace) -> Callable[[Settings, Fleet, Counter[str
         wait_split(fleet, ["recommend-1"], settings.kafka.partitions)
         handover_s = time.monotonic() - stopped_at
         deadline = time.monotonic() + 300
-        while committed(settings, USER_UPDATES.name, group) < base + len(more):
+        while committed(settings, USER_UPDATES.name, group) < end:
             fleet.alive()
             if time.monotonic() > deadline:
                 raise BenchError("the second load was not committed within 300 s")

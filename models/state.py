@@ -115,11 +115,13 @@ class Seen:
         if ts < self.horizon:
             return True
         mark = event_hash(event_id)
-        return any(
-            block[at : at + SEEN_CHARS] == mark
-            for block in (self.current, self.previous)
-            for at in range(0, len(block), SEEN_CHARS)
-        )
+        for block in (self.current, self.previous):
+            at = block.find(mark)
+            while at >= 0:
+                if at % SEEN_CHARS == 0:  # a whole fingerprint, not one straddling two
+                    return True
+                at = block.find(mark, at + 1)
+        return False
 
     def add(self, event_id: str, last_ts: int) -> None:
         """Remember an applied event; ``last_ts`` is the user's latest event time after it."""
@@ -131,6 +133,9 @@ class Seen:
 
     def to_list(self) -> list[Any]:
         return [self.current, self.previous, self.previous_ts, self.horizon]
+
+    def copy(self) -> Seen:
+        return Seen(self.current, self.previous, self.previous_ts, self.horizon)
 
     @classmethod
     def from_list(cls, data: Sequence[Any] | None) -> Seen:
@@ -218,6 +223,20 @@ class UserState:
             last_event_id=str(data.get("last_event_id", "")),
         )
 
+    def copy(self) -> UserState:
+        """A state that shares nothing mutable with this one (its interactions and review
+        references are never changed in place, only replaced), for the next batch to change
+        while this one may still be ranked on another thread."""
+        return UserState(
+            list(self.recent),
+            list(self.consumed),
+            list(self.reviews),
+            self.events,
+            self.last_ts,
+            self.last_event_id,
+            self.seen.copy(),
+        )
+
     def exclusions(self, exclude_seen: bool) -> set[str]:
         """Items not to recommend: consumed ones always, every recent one if ``exclude_seen``."""
         out = set(self.consumed)
@@ -239,9 +258,13 @@ def apply_interaction(
     last = state.recent[-1] if state.recent else None
     if last is not None and last.item_id == item_id:
         before = [i.item_id for i in state.recent[:-1]]
-        if weight >= last.weight:
-            last.kind, last.weight = kind, weight
-        last.ts = max(last.ts, ts)
+        stronger = weight >= last.weight
+        state.recent[-1] = Interaction(  # replaced, not changed: a copy may share it
+            item_id,
+            kind if stronger else last.kind,
+            max(last.ts, ts),
+            weight if stronger else last.weight,
+        )
     else:
         before = [i.item_id for i in state.recent]
         state.recent.append(Interaction(item_id, kind, ts, weight))

@@ -24,7 +24,7 @@ from schemas.privacy import scrub_pii
 from schemas.serde import InvalidEvent, decode_input
 from schemas.topics import ENCODE_REQUESTS, USER_UPDATES
 from streams.observe import count_events
-from streams.sinks import Output, Sinks
+from streams.sinks import Output, Sinks, UpdatePacker
 
 STEP = "validate-input"
 log = structlog.get_logger(__name__)
@@ -110,11 +110,21 @@ def decode_message(message: Any) -> tuple[Event, int]:
 
 
 async def ingest(
-    stream: Any, *, sinks: Sinks, batch_size: int, batch_wait_s: float, scrub: bool = True
+    stream: Any,
+    *,
+    sinks: Sinks,
+    batch_size: int,
+    batch_wait_s: float,
+    scrub: bool = True,
+    partitions: int = 1,
 ) -> None:
-    """Validate each input; route it (review text scrubbed if ``scrub``), or dead-letter it."""
+    """Validate each input; route it (review text scrubbed if ``scrub``), or dead-letter it.
+
+    A batch's user updates leave as one message per partition of the user-updates topic
+    (``partitions`` of them; see :class:`streams.sinks.UpdatePacker`)."""
     async for events in stream.take_events(batch_size, within=batch_wait_s):
         count_events(STEP, events)
+        packer = UpdatePacker(partitions)
         for event in events:
             try:
                 valid, received_ms = decode_message(event.message)
@@ -123,4 +133,5 @@ async def ingest(
                 sinks.dead(stage=STEP, message=event.message, exc=exc)
                 continue
             for out in outputs:
-                sinks.send(out)
+                sinks.send_all(packer.add(out) if out.spec is USER_UPDATES else [out])
+        sinks.send_all(packer.drain())

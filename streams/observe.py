@@ -25,9 +25,16 @@ MODEL_INFO = "recstream_model_info"  # gauge {model, version} = 1: what this wor
 RECOMMENDATIONS = "recstream_recommendations_total"  # counter: lists sent
 
 
-def count_events(agent: str, events: Iterable[Any], registry: Registry = REGISTRY) -> None:
-    """Count a batch of Faust events by the topic each came from."""
-    for topic, n in Counter(e.message.topic for e in events).items():
+def count_events(
+    agent: str, events: Iterable[Any], registry: Registry = REGISTRY, *, per_line: bool = False
+) -> None:
+    """Count a batch of Faust events by the topic each came from; ``per_line``: count each line
+    of a message as one event (messages that carry several records, one per line)."""
+    counts: Counter[str] = Counter()
+    for e in events:
+        value = e.message.value
+        counts[e.message.topic] += 1 + value.count(b"\n") if per_line and value else 1
+    for topic, n in counts.items():
         registry.counter(EVENTS, topic=topic, agent=agent).inc(n)
 
 

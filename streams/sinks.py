@@ -73,6 +73,66 @@ def user_update_key(user_id: str) -> bytes:
     return bytes(codecs.dumps("json", user_id))
 
 
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as Faust's producer and the tables'
+    changelogs use) gives ``key`` among ``partitions``."""
+    from aiokafka.partitioner import murmur2  # a worker-only dependency
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+#: Most bytes of user updates one message carries (well under Kafka's default 1 MiB limit).
+PACK_BYTES = 256 * 1024
+
+
+class UpdatePacker:
+    """User updates bound for one partition of the user-updates topic, sent as few messages.
+
+    A message on that topic holds one or more user updates, one JSON record per line, in the
+    order they were routed (a record never holds a raw newline). One message per partition per
+    batch, instead of one per update, spares the ingest hop's producer and the user-state hop's
+    consumer a Kafka message each per event. Each pack goes to the partition the default
+    partitioner gives its users' keys, and is keyed by its first user, so a user's updates,
+    state and REST requests stay on one partition and in order.
+    """
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = max(partitions, 1)
+        self._packs: dict[int, tuple[str, list[bytes], int]] = {}
+
+    def add(self, out: Output) -> list[Output]:
+        """Take a user update; return the packs that filled up (to send now)."""
+        partition = partition_of(user_update_key(out.key), self.partitions)
+        key, lines, size = self._packs.get(partition, (out.key, [], 0))
+        lines.append(out.value)
+        size += len(out.value) + 1
+        self._packs[partition] = (key, lines, size)
+        if size < PACK_BYTES:
+            return []
+        del self._packs[partition]
+        return [Output(USER_UPDATES, key, b"\n".join(lines), partition)]
+
+    def drain(self) -> list[Output]:
+        """Every pack not yet sent, one message per partition."""
+        packs, self._packs = self._packs, {}
+        return [
+            Output(USER_UPDATES, key, b"\n".join(lines), partition)
+            for partition, (key, lines, _) in sorted(packs.items())
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One record of a message that carries several (see :class:`UpdatePacker`): where it came
+    from and its own bytes, for a dead letter that names only it."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: float
+    value: bytes
+
+
 class Sinks:
     """Non-blocking sends (Faust ``send_soon``) to the topics an agent may write."""
 
@@ -88,16 +148,30 @@ class Sinks:
             self.send(out)
 
     def parse(
-        self, events: Iterable[Any], model: type[RecordT], *, stage: str
+        self, events: Iterable[Any], model: type[RecordT], *, stage: str, lines: bool = False
     ) -> list[tuple[RecordT, Any]]:
         """Each Faust event's message validated as ``model``, with the message; a message that
-        does not validate goes to the dead-letter topic with its reason and bytes."""
+        does not validate goes to the dead-letter topic with its reason and bytes.
+
+        ``lines``: a message may hold several records, one per line (:class:`UpdatePacker`);
+        each is validated alone and comes with a :class:`Part` in place of the message, so a
+        record that does not validate is dead-lettered alone, with its own bytes."""
         parsed = []
         for event in events:
-            try:
-                parsed.append((model.model_validate_json(event.message.value), event.message))
-            except ValidationError as exc:
-                self.dead(stage=stage, message=event.message, exc=exc)
+            message = event.message
+            value = message.value
+            if lines and value and b"\n" in value:
+                where = (message.topic, message.partition, message.offset, message.timestamp)
+                parts: list[tuple[Any, Any]] = [
+                    (line, Part(*where, line)) for line in value.split(b"\n")
+                ]
+            else:
+                parts = [(value, message)]
+            for raw, origin in parts:
+                try:
+                    parsed.append((model.model_validate_json(raw), origin))
+                except ValidationError as exc:
+                    self.dead(stage=stage, message=origin, exc=exc)
         return parsed
 
     def dead(self, *, stage: str, message: Any, exc: Exception) -> None:

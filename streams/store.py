@@ -20,8 +20,9 @@ in-memory store.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +249,91 @@ def reconcile(stores: Iterable[KeyedRocksStore], ends: Callable[[list[TP]], dict
             store.reset_state()
             emptied += 1
     return emptied
+
+
+_ABSENT = object()
+
+
+class WriteBehind(MutableMapping[str, Any]):
+    """A Faust table whose writes wait in memory until the consumer's next offset commit, which
+    writes each changed key once: to the table's store and to its changelog.
+
+    A key a busy worker changes in every batch (a popular item's co-visitation counts, an active
+    user's state) then costs one changelog record per commit interval instead of one per batch;
+    reads see the newest value at once. :func:`flush_before_commit` hooks :meth:`flush` into
+    the commit, before it computes the offsets to commit, with nothing awaited in between: every
+    input those offsets cover has its writes in the changelog records that the commit's producer
+    flush sends, so a crash loses only input whose offsets were not committed, and that input is
+    read again (at-least-once, as with a write per batch). A rebalance commits before it hands
+    partitions over, so the new owner reads every write in the changelog.
+    """
+
+    def __init__(self, table: Any, encode: Callable[[Any], Any] | None = None) -> None:
+        """``encode``: turns a held value into the table's value at the flush (reads of a key
+        changed since the last flush give the held value, others the table's)."""
+        self.table = table  # the Faust table
+        self.encode = encode
+        self._dirty: dict[str, Any] = {}  # key -> newest value, or _DELETED
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._dirty.get(key, _ABSENT)
+        if value is _ABSENT:
+            return self.table.get(key, default)
+        return default if value is _DELETED else value
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._dirty[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._dirty[key] = _DELETED
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _ABSENT) is not _ABSENT  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[str]:
+        dirty = dict(self._dirty)
+        for key in self.table:
+            if key not in dirty:
+                yield key
+        yield from (key for key, value in dirty.items() if value is not _DELETED)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @property
+    def pending(self) -> int:
+        """Keys changed since the last flush."""
+        return len(self._dirty)
+
+    def flush(self) -> int:
+        """Write every changed key to the table (store and changelog); return how many.
+
+        The held values are dropped only once all are in the table, so a read on another
+        thread (the ranking's) finds each key in one or the other throughout."""
+        dirty = self._dirty
+        table, encode = self.table, self.encode
+        for key, value in dirty.items():
+            if value is _DELETED:
+                table.on_key_del(key)
+                with contextlib.suppress(KeyError):  # set and deleted since the last flush
+                    del table.data[key]
+            else:
+                record = value if encode is None else encode(value)
+                table.on_key_set(key, record)
+                table.data[key] = record
+        self._dirty = {}
+        return len(dirty)
+
+
+def flush_before_commit(app: Any, tables: Iterable[WriteBehind]) -> None:
+    """Flush ``tables``, in this order, at the start of every offset commit of ``app`` (a
+    :class:`streams.transport.TunedApp`)."""
+    app.before_commit.extend(t.flush for t in tables)

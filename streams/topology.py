@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +30,7 @@ import structlog
 from infra.kafka import faust_broker_options
 from infra.settings import Settings
 from infra.vectors.cached import CachedStore
+from models.state import UserState
 from schemas.topics import ALL_TOPICS, ENCODE_REQUESTS, INPUT_TOPICS, USER_UPDATES
 from streams.encode import EncodeStep, encode_text
 from streams.ingest import STEP as INGEST_STEP
@@ -37,6 +39,7 @@ from streams.observe import serving, watch_consumer
 from streams.services import Services
 from streams.sinks import Sinks
 from streams.store import SCHEME as STORE_SCHEME
+from streams.store import WriteBehind, flush_before_commit
 from streams.transport import TunedApp, read_true_ends
 from streams.user_state import STEP as USER_STATE_STEP
 from streams.user_state import Tables, UserStateStep, update_user_state
@@ -124,6 +127,7 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
                 batch_size=batch,
                 batch_wait_s=wait_s,
                 scrub=settings.privacy.scrub_pii,
+                partitions=settings.kafka.partitions,
             )
 
         topo.agents[INGEST_STEP] = app.agent(inputs, name=INGEST_STEP)(validate_input)
@@ -147,13 +151,17 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
         table_schema: faust.Schema = faust.Schema(
             key_type=str, key_serializer="raw", value_serializer="json"
         )
-        tables = Tables(
-            users=app.Table("user-state", default=None, schema=table_schema, use_partitioner=True),
-            covisit=app.Table("covisit", default=None, schema=table_schema, use_partitioner=True),
-            popularity=app.Table(
-                "popularity", default=None, schema=table_schema, use_partitioner=True
-            ),
-        )
+
+        def table(name: str, encode: Callable[[Any], Any] | None = None) -> WriteBehind:
+            return WriteBehind(
+                app.Table(name, default=None, schema=table_schema, use_partitioner=True), encode
+            )
+
+        users = table("user-state", UserState.to_dict)  # holds UserState objects until a commit
+        covisit, popularity = table("covisit"), table("popularity")
+        tables = Tables(users=users, covisit=covisit, popularity=popularity, records=False)
+        # counts before user states, as in each batch (see UserStateStep.absorb)
+        flush_before_commit(app, [covisit, popularity, users])
         user_step = UserStateStep(
             tables=tables,
             recommender=services.recommender(),

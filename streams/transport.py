@@ -54,7 +54,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import faust
 import structlog
@@ -271,6 +271,10 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
 
         async def commit(self, *args: Any, **kwargs: Any) -> bool:
             async with self._store_commit:
+                # Nothing is awaited from here until the offsets are chosen: the writes of every
+                # input they cover are in the producer's buffer, flushed before they commit.
+                for flush in cast(TunedApp, self.app).before_commit:
+                    flush()
                 stores = keyed_stores(self.app)
                 for store in stores:  # the writes whose changelog the commit's flush sends
                     store.begin_commit()
@@ -320,6 +324,8 @@ class TunedApp(faust.App):
         **kwargs: Any,
     ) -> None:
         self._transport_cls = _transport_class(fetch_max_wait_ms, end_probe)
+        #: Called at the start of every offset commit (:func:`streams.store.flush_before_commit`)
+        self.before_commit: list[Callable[[], Any]] = []
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Any:

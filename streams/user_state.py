@@ -38,7 +38,7 @@ from streams.sinks import Output, Sinks, items_changed
 STEP = "update-user-state"
 POPULAR_KEY = "__all__"
 FORGET_REVIEWS = 100_000  # a user's reviews read back on forget, to rebuild the items' profiles
-BEHIND_S = 0.25  # an agent whose newest update was written longer ago than this is behind
+BEHIND_S = 0.25  # a worker whose newest input event arrived longer ago than this is behind
 IDLE_S = 0.1  # an agent that has taken no batch for this long has caught up
 DRAIN_S = 10.0  # how long a stopping worker may spend ranking the users still waiting for a list
 log = structlog.get_logger(__name__)
@@ -46,11 +46,25 @@ log = structlog.get_logger(__name__)
 
 @dataclass(slots=True)
 class Tables:
-    """The tables this step owns (Faust tables in the worker, dicts in unit tests)."""
+    """The tables this step owns (Faust tables in the worker, dicts in unit tests).
+
+    ``records``: ``users`` takes table records (:meth:`UserState.to_dict`); when False it takes
+    the :class:`UserState` objects themselves and encodes them on their way to the changelog
+    (the worker's :class:`streams.store.WriteBehind`), so an active user's state is decoded
+    once, not once per batch. Either way it may give back records (read from the store)."""
 
     users: MutableMapping[str, Any]
     covisit: MutableMapping[str, Any]
     popularity: MutableMapping[str, Any]
+    records: bool = True
+
+    def state(self, user_id: str) -> UserState:
+        """The user's state, theirs to change (a held object is copied, never shared)."""
+        held = self.users.get(user_id)
+        return held.copy() if isinstance(held, UserState) else UserState.from_dict(held)
+
+    def put_state(self, user_id: str, state: UserState) -> None:
+        self.users[user_id] = state.to_dict() if self.records else state
 
 
 @dataclass(slots=True)
@@ -164,7 +178,7 @@ class UserStateStep:
         """A list ranked now from the user's state in the tables (None for an unknown user, or
         when nothing is recommendable); it names the newest event in the state as its trigger.
         It only reads the tables, so the ranking thread may run it."""
-        state = UserState.from_dict(self.tables.users.get(user_id))
+        state = self.tables.state(user_id)
         if not state.events and not state.reviews:
             return None
         request = UserRequest(user_id, state, self._neighbours_of(state))
@@ -213,9 +227,7 @@ class UserStateStep:
             forget = next((u for u in ups if u.kind == "forget"), None)
             if forget is not None:
                 self._forget(forget)
-            applied = apply_updates(
-                UserState.from_dict(self.tables.users.get(user_id)), ups, self.max_recent
-            )
+            applied = apply_updates(self.tables.state(user_id), ups, self.max_recent)
             if applied.repeats:
                 self.repeats += applied.repeats
                 log.info("repeats_skipped", step=STEP, user_id=user_id, repeats=applied.repeats)
@@ -238,7 +250,7 @@ class UserStateStep:
             popular = bump_popularity(popular, touched_all)
             self.tables.popularity[POPULAR_KEY] = popular
         for req, _ in requests:
-            self.tables.users[req.user_id] = req.state.to_dict()
+            self.tables.put_state(req.user_id, req.state)
         return requests, popular
 
     def _forget(self, update: UserUpdate) -> None:
@@ -400,7 +412,8 @@ class Backlog:
 
     def pace(self, age_s: float) -> None:
         """Tell the backlog how old the newest update in the agent's last batch was (since the
-        ingest hop wrote it): older than :data:`BEHIND_S` means the agent is behind on its input."""
+        broker received the input event it came from): older than :data:`BEHIND_S` means the
+        worker is behind on its input, whichever hop holds it back."""
         self._paced_at = time.monotonic()
         if age_s > BEHIND_S:
             self._caught_up.clear()
@@ -519,19 +532,33 @@ async def update_user_state(
         backlog.start()
     try:
         async for events in stream.take_events(batch_size, within=batch_wait_s):
-            count_events(STEP, events)
-            batch = step.sinks.parse(events, UserUpdate, stage=STEP)
-            if not batch:
-                continue
-            if backlog is None:
-                run_or_isolate(step, batch)
-            else:
-                absorb_or_isolate(step, batch, backlog)
-                backlog.pace(time.time() - events[-1].message.timestamp)
-                await backlog.room()
+            count_events(STEP, events, per_line=True)
+            parsed = step.sinks.parse(events, UserUpdate, stage=STEP, lines=True)
+            # A message may carry many updates: at most ``batch_size`` of them at a time, so
+            # the loop (fetching, commits, the ranking task) runs between. The batch's offsets
+            # are acknowledged only after the last of them.
+            for start in range(0, len(parsed), batch_size):
+                if start:
+                    await asyncio.sleep(0)
+                batch = parsed[start : start + batch_size]
+                if backlog is None:
+                    run_or_isolate(step, batch)
+                else:
+                    absorb_or_isolate(step, batch, backlog)
+                    backlog.pace(input_age_s(batch, events))
+                    await backlog.room()
     finally:
         if backlog is not None:
             await backlog.close(DRAIN_S)
+
+
+def input_age_s(batch: list[tuple[UserUpdate, Any]], events: list[Any]) -> float:
+    """How long ago the broker received the newest behaviour event in ``batch`` (the input
+    topic's, before the ingest hop); for a batch without one (embedded reviews, notices, which
+    come through the encoder), how long ago the newest of ``events`` was written."""
+    newest = max((u.received_ms for u, _ in batch if u.kind == "behavior"), default=None)
+    written_s = events[-1].message.timestamp if newest is None else newest / 1000
+    return time.time() - written_s
 
 
 #: Errors that mean "this update cannot be processed", as opposed to infrastructure failures

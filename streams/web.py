@@ -32,6 +32,7 @@ from faust.web import Request, Response, View
 from infra.metrics import render
 from infra.vectors import VectorStore
 from infra.vectors.base import Filter
+from streams.store import WriteBehind
 from streams.user_state import UserStateStep
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"  # aiohttp adds the charset
@@ -224,7 +225,7 @@ def register_reads(
     executor: Executor,
 ) -> None:
     """The REST read path: a user's latest list (routed to its owner) and similar items."""
-    users = cast(CollectionT, step.tables.users)  # a faust Table in the worker
+    users = cast(CollectionT, cast(WriteBehind, step.tables.users).table)  # the Faust table
 
     @app.page("/users/{user_id}/recommendations")
     @app.table_route(table=users, match_info="user_id")

@@ -4,16 +4,19 @@ the notices that keep worker caches coherent, and the vectorised ranking and ser
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from qdrant_client import QdrantClient
 
 from infra.settings import RankingSettings
@@ -25,9 +28,18 @@ from models.ranking import ItemInfo, RankInput, explain, explain_all
 from models.recommender import Recommender, UserRequest
 from models.state import Fusion, ReviewRef, UserState, apply_interaction
 from schemas.internal import EncodeRequest, UserUpdate
-from schemas.topics import DEAD_LETTER, RECOMMENDATIONS, USER_UPDATES
+from schemas.topics import BEHAVIOR, DEAD_LETTER, RECOMMENDATIONS, USER_UPDATES
 from streams.encode import EncodeStep
-from streams.sinks import ITEMS_NOTICE_KEY, Sinks
+from streams.ingest import ingest
+from streams.sinks import (
+    ITEMS_NOTICE_KEY,
+    PACK_BYTES,
+    Output,
+    Sinks,
+    UpdatePacker,
+    partition_of,
+    user_update_key,
+)
 from streams.user_state import Backlog, Tables, UserStateStep, absorb_or_isolate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
@@ -645,3 +657,92 @@ def test_forget_announces_the_rebuilt_profiles_after_writing_them(edge: EdgeVect
     )
     assert step.run([forget]) == []
     assert seen == [(0, ["t"], 1), (1, ["t"], 1)]
+
+
+class _Batches:
+    """A Faust stream's ``take_events`` over fixed batches of messages."""
+
+    def __init__(self, *batches: list[SimpleNamespace]) -> None:
+        self.batches = batches
+
+    async def take_events(self, size: int, within: float):  # type: ignore[no-untyped-def]
+        for batch in self.batches:
+            yield [SimpleNamespace(message=m) for m in batch]
+
+
+def _message(value: bytes, offset: int, topic: str = BEHAVIOR.name) -> SimpleNamespace:
+    return SimpleNamespace(value=value, topic=topic, partition=0, offset=offset, timestamp=TS / 1e3)
+
+
+def test_ingest_sends_one_message_per_partition_that_the_user_state_step_reads_in_order() -> None:
+    """The ingest hop packs a batch's user updates into one message per partition of the
+    user-updates topic: each pack goes to the partition Kafka's default partitioner gives its
+    users' keys (so a user's updates, state and REST requests share one), each user's updates
+    keep their order, an input that does not validate is still dead-lettered alone, and the
+    user-state step's parser reads back exactly the updates that went in."""
+    rng = np.random.default_rng(5)
+    for n in (1, 3, 4, 7):
+        ids = list(range(n))
+        for k in rng.integers(0, 10**9, size=200):
+            key = user_update_key(f"user-{k}")
+            assert partition_of(key, n) == DefaultPartitioner()(key, ids, ids)
+
+    events = [
+        {"type": "click", "event_id": f"e{n}", "ts": TS + n, "user_id": f"u{n % 9}", "item_id": "i"}
+        for n in range(60)
+    ]
+    batch = [_message(json.dumps(e).encode(), n) for n, e in enumerate(events)]
+    batch.insert(30, _message(b"{not json", 99))
+    topic, letters = _Topic(), _Topic()
+    sinks = Sinks({USER_UPDATES.name: topic, DEAD_LETTER.name: letters})
+    asyncio.run(
+        ingest(_Batches(batch), sinks=sinks, batch_size=100, batch_wait_s=0.01, partitions=4)
+    )
+
+    assert 1 < len(topic.sent) <= 4
+    assert len({p for _, _, p in topic.sent}) == len(topic.sent)
+    read = sinks.parse(
+        [
+            SimpleNamespace(message=_message(v, n, USER_UPDATES.name))
+            for n, (_, v, _) in enumerate(topic.sent)
+        ],
+        UserUpdate,
+        stage="test",
+        lines=True,
+    )
+    by_partition = {n: p for n, (_, _, p) in enumerate(topic.sent)}
+    for update, origin in read:
+        assert by_partition[origin.offset] == partition_of(user_update_key(update.user_id), 4)
+    got = sorted((u.user_id, int(u.event_id[1:])) for u, _ in read)
+    assert got == sorted((e["user_id"], int(e["event_id"][1:])) for e in events)
+    for user in {e["user_id"] for e in events}:  # each user's updates in their original order
+        mine = [int(u.event_id[1:]) for u, _ in read if u.user_id == user]
+        assert mine == sorted(mine)
+    assert len(letters.sent) == 1
+    assert json.loads(letters.sent[0][1])["payload_b64"] == "e25vdCBqc29u"  # b"{not json"
+
+
+def test_a_pack_fills_at_its_byte_bound_and_a_bad_record_in_it_is_dead_lettered_alone() -> None:
+    """A pack that reaches PACK_BYTES is sent at once and the next update starts a new one; when
+    one record of a pack does not validate, the others are read and the dead letter carries
+    that record's own bytes and the pack's topic, partition and offset."""
+    packer = UpdatePacker(1)
+    line = _behaviour(0, "u", "i").model_dump_json().encode()
+    per_pack = -(-PACK_BYTES // (len(line) + 1))  # lines (each with its newline) that fill one
+    out = Output(USER_UPDATES, "u", line)
+    filled = [pack for _ in range(per_pack + 3) for pack in packer.add(out)]
+    assert len(filled) == 1
+    assert filled[0].value.count(b"\n") + 1 == per_pack
+    assert [out.value.count(b"\n") + 1 for out in packer.drain()] == [3]
+    assert packer.drain() == []
+
+    letters = _Topic()
+    sinks = Sinks({DEAD_LETTER.name: letters})
+    good = [_behaviour(n, "u", f"i{n}").model_dump_json().encode() for n in range(2)]
+    pack = _message(b"\n".join([good[0], b'{"kind": "behavior"}', good[1]]), 41, USER_UPDATES.name)
+    read = sinks.parse([SimpleNamespace(message=pack)], UserUpdate, stage="test", lines=True)
+    assert [u.event_id for u, _ in read] == ["b0", "b1"]
+    assert [o.value for _, o in read] == good
+    (letter,) = [json.loads(v) for _, v, _ in letters.sent]
+    assert base64.b64decode(letter["payload_b64"]) == b'{"kind": "behavior"}'
+    assert (letter["topic"], letter["partition"], letter["offset"]) == (USER_UPDATES.name, 0, 41)

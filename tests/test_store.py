@@ -12,8 +12,9 @@ from conftest import Stack, catalogue
 from faust.types import TP
 
 from infra.settings import Settings
+from models.state import UserState
 from schemas.topics import BEHAVIOR
-from streams.store import KeyedRocksStore, reconcile
+from streams.store import KeyedRocksStore, WriteBehind, reconcile
 
 CHANGELOG = TP("recstream-user-state-changelog", 0)
 
@@ -149,3 +150,75 @@ def test_a_restarted_worker_reads_its_tables_from_disk(settings: Settings, tmp_p
     finally:
         second.stop()
     assert _recovered(second, "user-state") == {0}
+
+
+class _Table:
+    """The part of a Faust table that :class:`WriteBehind` uses: its store (``data``), reads,
+    and the changelog hooks, recorded in order."""
+
+    def __init__(self, data: dict[str, object]) -> None:
+        self.data = data
+        self.changelog: list[tuple[str, object]] = []
+
+    def get(self, key: str, default: object = None) -> object:
+        return self.data.get(key, default)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self.data))
+
+    def on_key_set(self, key: str, value: object) -> None:
+        self.changelog.append((key, value))
+
+    def on_key_del(self, key: str) -> None:
+        self.changelog.append((key, None))
+
+
+def test_write_behind_writes_each_changed_key_once_at_the_flush() -> None:
+    """Reads see every write at once, but the table and its changelog get nothing until the
+    flush, which writes each changed key once with its newest value: a key written in three
+    batches is one changelog record, a delete is a tombstone and removes the stored row, a key
+    set and deleted between flushes is a tombstone too, and a second flush writes nothing."""
+    table = _Table({"a": {"x": 1.0}, "gone": {"y": 1.0}})
+    view = WriteBehind(table)
+    for n in range(3):
+        view["a"] = {"x": 2.0 + n}
+    view["new"] = {"z": 1.0}
+    del view["gone"]
+    view["brief"] = {"w": 1.0}
+    view.pop("brief")
+    assert view.get("a") == {"x": 4.0}
+    assert "gone" not in view
+    assert view.get("gone", "absent") == "absent"
+    assert sorted(view) == ["a", "new"]
+    assert len(view) == 2
+    assert table.changelog == []
+    assert table.data == {"a": {"x": 1.0}, "gone": {"y": 1.0}}  # untouched before the flush
+    assert view.pending == 4
+
+    assert view.flush() == 4
+    assert table.changelog == [
+        ("a", {"x": 4.0}),
+        ("new", {"z": 1.0}),
+        ("gone", None),
+        ("brief", None),
+    ]
+    assert table.data == {"a": {"x": 4.0}, "new": {"z": 1.0}}
+    assert view.flush() == 0
+    assert len(table.changelog) == 4
+    with pytest.raises(KeyError):
+        view["gone"]
+
+
+def test_write_behind_encodes_held_objects_on_their_way_to_the_table() -> None:
+    """The user-state table holds UserState objects between commits: reads give the held
+    object, the flush writes its record (to the store and the changelog alike), and once
+    flushed a read gives the record back."""
+    table = _Table({})
+    view = WriteBehind(table, UserState.to_dict)
+    state = UserState(events=3, last_ts=7, last_event_id="e3")
+    view["u1"] = state
+    assert view.get("u1") is state
+    assert view.flush() == 1
+    assert table.changelog == [("u1", state.to_dict())]
+    assert table.data == {"u1": {"i": [], "k": "", "t": [], "n": 3, "l": 7, "e": "e3"}}
+    assert UserState.from_dict(view["u1"]) == state

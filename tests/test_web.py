@@ -110,7 +110,7 @@ def test_user_updates_are_keyed_as_the_user_state_table_keys_its_changelog(tmp_p
 
         sinks = Sinks({USER_UPDATES.name: Topic()})
         for user_id in ("u1", "ü-42", 'quote"d'):
-            changelog_key = users.users.changelog_topic.prepare_key(user_id, None)[0]
+            changelog_key = users.users.table.changelog_topic.prepare_key(user_id, None)[0]
             assert user_update_key(user_id) == changelog_key
             sinks.send(Output(USER_UPDATES, user_id, b"{}"))
             assert sent[-1]["key"] == changelog_key
@@ -250,9 +250,13 @@ def test_two_workers_route_each_user_to_its_owner_and_serve_metrics(tmp_path: Pa
             ]
             # The seed run's encoder left item notices on the user-update topic; they count too.
             notices = sum(1 for _ in read_topic(base, USER_UPDATES, timeout_s=2.0))
-            _publish(base, BEHAVIOR.name, events, "user_id")
             updates = notices + len(events)
-            _wait_committed(base, "recstream-recommend", USER_UPDATES.name, updates)
+            _publish(base, BEHAVIOR.name, events, "user_id")
+            _wait_committed(base, "recstream-ingest", BEHAVIOR.name, len(events))
+            # Every message on the user-update topic by now: the seed run's item notices and
+            # the ingest hop's updates (several to a message).
+            messages = group_progress(base.kafka, "recstream-recommend", USER_UPDATES.name)[1]
+            _wait_committed(base, "recstream-recommend", USER_UPDATES.name, messages)
 
             latest: dict[str, dict] = {}
             per_user: dict[str, int] = defaultdict(int)
