@@ -81,8 +81,9 @@ def partition_of(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-#: Most bytes of user updates one message carries (well under Kafka's default 1 MiB limit).
-PACK_BYTES = 256 * 1024
+#: Most bytes of user updates one message carries: a few hundred updates, well under Kafka's 1 MiB
+#: default limit, and a bound on what `stream.buffer_maxsize` messages can hold.
+PACK_BYTES = 64 * 1024
 
 
 class UpdatePacker:
