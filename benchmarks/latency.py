@@ -147,7 +147,10 @@ def _recommendation(value: bytes) -> tuple[str, float | None]:
 
 def _review_stored(value: bytes) -> tuple[str, float | None]:
     """A user update: the review's event id once its vector is stored; anything else is not an
-    arrival of a measured event (the ingest step's behaviour update shares the review's id)."""
+    arrival of a measured event (the ingest step's behaviour update shares the review's id).
+    A message of several lines is the ingest step's pack of behaviour updates."""
+    if b"\n" in value:
+        return "", None
     body = json.loads(value)
     return (str(body["event_id"]) if body.get("kind") == "review_embedded" else ""), None
 
