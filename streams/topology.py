@@ -159,7 +159,7 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
 
         users = table("user-state", UserState.to_dict)  # holds UserState objects until a commit
         covisit, popularity = table("covisit"), table("popularity")
-        tables = Tables(users=users, covisit=covisit, popularity=popularity, records=False)
+        tables = Tables(users=users, covisit=covisit, popularity=popularity)
         # counts before user states, as in each batch (see UserStateStep.absorb)
         flush_before_commit(app, [covisit, popularity, users])
         user_step = UserStateStep(

@@ -34,6 +34,7 @@ from schemas.serde import encode
 from schemas.topics import ENCODE_REQUESTS, RECOMMENDATIONS
 from streams.observe import count_events, recommended
 from streams.sinks import Output, Sinks, items_changed
+from streams.store import WriteBehind
 
 STEP = "update-user-state"
 POPULAR_KEY = "__all__"
@@ -48,15 +49,15 @@ log = structlog.get_logger(__name__)
 class Tables:
     """The tables this step owns (Faust tables in the worker, dicts in unit tests).
 
-    ``records``: ``users`` takes table records (:meth:`UserState.to_dict`); when False it takes
-    the :class:`UserState` objects themselves and encodes them on their way to the changelog
-    (the worker's :class:`streams.store.WriteBehind`), so an active user's state is decoded
-    once, not once per batch. Either way it may give back records (read from the store)."""
+    ``users`` takes table records (:meth:`UserState.to_dict`), unless it encodes what it holds
+    on its way to the changelog (the worker's :class:`streams.store.WriteBehind` with an
+    ``encode``): then it takes the :class:`UserState` objects themselves, so an active user's
+    state is decoded once per commit, not once per batch. Either way it may give back records
+    (read from the store)."""
 
     users: MutableMapping[str, Any]
     covisit: MutableMapping[str, Any]
     popularity: MutableMapping[str, Any]
-    records: bool = True
 
     def state(self, user_id: str) -> UserState:
         """The user's state, theirs to change (a held object is copied, never shared)."""
@@ -64,7 +65,9 @@ class Tables:
         return held.copy() if isinstance(held, UserState) else UserState.from_dict(held)
 
     def put_state(self, user_id: str, state: UserState) -> None:
-        self.users[user_id] = state.to_dict() if self.records else state
+        users = self.users
+        encodes = isinstance(users, WriteBehind) and users.encode is not None
+        users[user_id] = state if encodes else state.to_dict()
 
 
 @dataclass(slots=True)
