@@ -80,6 +80,15 @@ class VectorSettings(BaseModel):
         le=10_000,
         description="Edge HNSW candidates per query (at least the query's limit is used)",
     )
+    # Up to this many available items, a recommend worker holds their vectors as one matrix
+    # and finds candidates by an exact scan of it (infra/vectors/resident.py); above it, and
+    # with 0, the store's own search answers.
+    resident_max_items: int = Field(
+        default=50_000,
+        ge=0,
+        le=10_000_000,
+        description="items searched in memory by the ranker (0 = always ask the store)",
+    )
 
 
 class EncoderSettings(BaseModel):

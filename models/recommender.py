@@ -85,6 +85,9 @@ class Recommender:
         self.fallback = fusion
         self.model = model  # switch by assigning; a ``recommend`` call uses one model throughout
         self._infos: dict[str, tuple[VectorPoint, ItemInfo | None]] = {}
+        # The last popularity map and its top scores: the table holds one map per batch, and
+        # every ranking round until the next batch is handed that same object.
+        self._popular: tuple[Mapping[str, float], dict[str, float]] = ({}, {})
 
     @property
     def version(self) -> str:
@@ -169,7 +172,10 @@ class Recommender:
             covisit_scores(r.neighbours, [(i, 1.0) for i in covisit_sources(r.state)])
             for r in requests
         ]
-        pop = self._popular_scores(popular)
+        source, pop = self._popular
+        if source is not popular:
+            pop = self._popular_scores(popular)
+            self._popular = (popular, pop)
         wanted = {i for cs, _ in covisits for i in cs} | set(pop)
         wanted |= {i for s in similar for i in s}
         users = None

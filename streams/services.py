@@ -78,7 +78,9 @@ class Services:
         ):
             store.ensure_collection(name, dim)
         index_items(backend, vectors.items_collection)
-        return CachedStore(store, vectors.items_collection)
+        return CachedStore(
+            store, vectors.items_collection, resident_max=vectors.resident_max_items or None
+        )
 
     def store(self) -> VectorStore:
         return self._store

@@ -82,7 +82,7 @@ class VectorStore(Protocol):
         """The stored points among ``keys``, by key; missing keys are simply absent."""
 
     def points_where(
-        self, collection: str, field_name: str, value: str, *, limit: int
+        self, collection: str, field_name: str, value: str | bool, *, limit: int
     ) -> list[VectorPoint]:
         """At most ``limit`` points (with vectors) whose payload ``field_name`` equals ``value``,
         in point-id order, so the same stored set always gives the same answer."""

@@ -14,6 +14,11 @@ Coherence:
 
 The table holds at most ``capacity`` keys; past that the oldest-cached half is dropped.
 
+With ``resident_max`` set, the collection's available points are also held as one matrix
+(:class:`~infra.vectors.resident.ResidentIndex`) and the candidate queries (``available`` true)
+are answered from it exactly, without the store, while the collection holds at most that many;
+the same writes, notices and :meth:`CachedStore.clear` keep it coherent.
+
 Threads: the worker ranks on an executor thread while the event loop applies notices, so reads
 and invalidations may interleave. Each dictionary operation is atomic; a read that fetched a
 point just before another write may keep that older point until the write's notice arrives.
@@ -26,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from infra.vectors.base import Filter, Hit, VectorPoint, VectorStore
+from infra.vectors.base import Filter, Hit, VectorPoint, VectorStore, limits_for
+from infra.vectors.resident import AVAILABLE, ResidentIndex
 
 DEFAULT_CAPACITY = 200_000
 _UNKNOWN = object()  # not held (a held None means the store has no such point)
@@ -35,17 +41,26 @@ _UNKNOWN = object()  # not held (a held None means the store has no such point)
 class CachedStore:
     """:class:`~infra.vectors.base.VectorStore` over ``inner`` that caches ``collection``'s points.
 
-    Reads of other collections and every query go straight to ``inner``.
+    Reads of other collections go straight to ``inner``, and so does every query that the
+    resident index (``resident_max`` points at most; None: no index) does not answer.
     """
 
     def __init__(
-        self, inner: VectorStore, collection: str, *, capacity: int = DEFAULT_CAPACITY
+        self,
+        inner: VectorStore,
+        collection: str,
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        resident_max: int | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.inner = inner
         self.collection = collection
         self.capacity = capacity
+        self.resident = (
+            ResidentIndex(inner, collection, max_items=resident_max) if resident_max else None
+        )
         self._held: dict[str, VectorPoint | None] = {}
         self.hits = 0
         self.misses = 0
@@ -54,12 +69,17 @@ class CachedStore:
 
     def invalidate(self, keys: Iterable[str]) -> None:
         """Forget ``keys``: their next read goes to the store."""
+        keys = list(keys)
         for key in keys:
             self._held.pop(key, None)
+        if self.resident is not None:
+            self.resident.mark(keys)
 
     def clear(self) -> None:
         """Forget every key (after a rebalance, when notices may have been missed)."""
         self._held.clear()
+        if self.resident is not None:
+            self.resident.reset()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -117,7 +137,7 @@ class CachedStore:
         return {k: VectorPoint(p.key, None, p.payload) for k, p in points.items()}
 
     def points_where(
-        self, collection: str, field_name: str, value: str, *, limit: int
+        self, collection: str, field_name: str, value: str | bool, *, limit: int
     ) -> list[VectorPoint]:
         return self.inner.points_where(collection, field_name, value, limit=limit)
 
@@ -137,6 +157,17 @@ class CachedStore:
         limit: int | Sequence[int],
         flt: Filter | None = None,
     ) -> list[dict[str, float]]:
+        index = self.resident
+        if (
+            index is not None
+            and collection == self.collection
+            and flt is not None
+            and dict(flt.must_equal) == AVAILABLE
+            and not flt.exclude_keys
+        ):
+            found = index.query(vectors, limits_for(limit, len(vectors)))
+            if found is not None:
+                return found
         return self.inner.query_keys(collection, vectors, limit, flt)
 
     def count(self, collection: str) -> int:

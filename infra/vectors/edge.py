@@ -125,7 +125,7 @@ class EdgeVectorStore:
         return {point.key: point for point in points}
 
     def points_where(
-        self, collection: str, field_name: str, value: str, *, limit: int
+        self, collection: str, field_name: str, value: str | bool, *, limit: int
     ) -> list[VectorPoint]:
         """At most ``limit`` points (with vectors) whose payload ``field_name`` equals ``value``."""
         from qdrant_edge import ScrollRequest

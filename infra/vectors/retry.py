@@ -266,7 +266,7 @@ class RetryingStore:
         )
 
     def points_where(
-        self, collection: str, field_name: str, value: str, *, limit: int
+        self, collection: str, field_name: str, value: str | bool, *, limit: int
     ) -> list[VectorPoint]:
         return self._call(
             "points_where", self.inner.points_where, collection, field_name, value, limit=limit

@@ -112,7 +112,7 @@ class QdrantServerStore:
         return {point.key: point for point in points}
 
     def points_where(
-        self, collection: str, field_name: str, value: str, *, limit: int
+        self, collection: str, field_name: str, value: str | bool, *, limit: int
     ) -> list[VectorPoint]:
         """At most ``limit`` points (with vectors) whose payload ``field_name`` equals ``value``."""
         records, _ = self._client.scroll(
