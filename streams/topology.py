@@ -79,7 +79,7 @@ def advertised_url(settings: Settings) -> str:
     return f"http://{host}:{stream.web_port or 6066}"
 
 
-def create_app(settings: Settings, role: Role) -> faust.App:
+def create_app(settings: Settings, role: Role) -> TunedApp:
     """The Faust app: raw bytes on every topic (we validate ourselves), tables in RocksDB (or in
     memory, ``stream.table_store``)."""
     stream = settings.stream
@@ -154,7 +154,9 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
 
         def table(name: str, encode: Callable[[Any], Any] | None = None) -> WriteBehind:
             return WriteBehind(
-                app.Table(name, default=None, schema=table_schema, use_partitioner=True), encode
+                app.Table(name, default=None, schema=table_schema, use_partitioner=True),
+                encode,
+                app.changelog_batches,
             )
 
         users = table("user-state", UserState.to_dict)  # holds UserState objects until a commit

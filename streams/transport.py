@@ -67,7 +67,7 @@ from mode.utils.futures import notify
 
 from infra.kafka import consumer_config
 from infra.settings import KafkaSettings
-from streams.store import keyed_stores
+from streams.store import ChangelogBatches, keyed_stores
 
 EndProbe = Callable[[Mapping[TP, int]], dict[TP, int]]
 PROBE_WAIT_S = 0.5
@@ -115,6 +115,13 @@ class _DrainingProducer(driver.Producer):
         buffer = DrainingBuffer(loop=self.loop, beacon=self.beacon)
         buffer.app = self.app
         self.buffer = buffer
+
+    async def flush(self) -> None:
+        """Send the write-behind tables' changelog records, then flush as Faust does."""
+        batches = getattr(self.app, "changelog_batches", None)
+        if batches is not None:
+            await batches.send()
+        await super().flush()
 
 
 def read_true_ends(kafka: KafkaSettings, reported: Mapping[TP, int]) -> dict[TP, int]:
@@ -326,6 +333,8 @@ class TunedApp(faust.App):
         self._transport_cls = _transport_class(fetch_max_wait_ms, end_probe)
         #: Called at the start of every offset commit (:func:`streams.store.flush_before_commit`)
         self.before_commit: list[Callable[[], Any]] = []
+        #: The write-behind tables' changelog records, sent by every producer flush
+        self.changelog_batches = ChangelogBatches(self)
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Any:

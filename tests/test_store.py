@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,9 +12,11 @@ import pytest
 from conftest import Stack, catalogue
 from faust.types import TP
 
+from consumers.consumer import read_topic
 from infra.settings import Settings
 from models.state import UserState
-from schemas.topics import BEHAVIOR
+from schemas.topics import BEHAVIOR, TopicSpec
+from streams.sinks import partition_of
 from streams.store import KeyedRocksStore, WriteBehind, reconcile
 
 CHANGELOG = TP("recstream-user-state-changelog", 0)
@@ -222,3 +225,43 @@ def test_write_behind_encodes_held_objects_on_their_way_to_the_table() -> None:
     assert table.changelog == [("u1", state.to_dict())]
     assert table.data == {"u1": {"i": [], "k": "", "t": [], "n": 3, "l": 7, "e": "e3"}}
     assert UserState.from_dict(view["u1"]) == state
+
+
+@pytest.mark.stack
+def test_changelog_batches_put_each_record_where_faust_would(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The write-behind tables' changelog records, sent as record batches at each commit, are
+    each on the partition Kafka's default partitioner gives their key (where Faust puts a
+    table key, and where the key's new owner reads it after a rebalance); the newest record of
+    each user holds all of that user's events, and of each co-visited item its counts, as the
+    events imply (one record per key per commit, never one per event)."""
+    items = catalogue(12)
+    stack = Stack(settings, tmp_path / "run")
+    try:
+        stack.publish(*items)
+        stack.wait_committed("recstream.encode-requests.v1", len(items))
+        events = [
+            {"type": "view", "user_id": f"u{n % 6}", "item_id": f"i{n % 12}", "event_id": f"e{n}"}
+            for n in range(60)
+        ]
+        stack.publish(*events)
+        stack.wait_committed(BEHAVIOR.name, len(events))
+        stack.wait_for(lambda b: b.get("trigger_event_id") == "e59", "the last event's list")
+    finally:
+        stack.stop()
+    partitions = settings.kafka.partitions
+    latest: dict[str, dict[str, object]] = {"user-state": {}, "covisit": {}}
+    records = 0
+    for table, rows in latest.items():
+        spec = TopicSpec(f"recstream-{table}-changelog", "key", "compact", True, "read back")
+        for msg in read_topic(settings, spec, timeout_s=2.0):
+            key = msg.key() or b""
+            assert msg.partition() == partition_of(key, partitions), (table, key)
+            rows[json.loads(key)] = json.loads(msg.value() or b"null")
+            records += 1
+    users = {u: UserState.from_dict(v) for u, v in latest["user-state"].items()}  # type: ignore[arg-type]
+    assert {u: s.events for u, s in users.items()} == {f"u{k}": 10 for k in range(6)}
+    assert records < 2 * len(events)  # held writes: far fewer records than table writes
+    # u0 views i0, i6, i0, i6, ...: each of its views after the first co-visits the other item
+    assert latest["covisit"]["i6"]["i0"] >= 1  # type: ignore[index]
