@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+
 Neighbours = dict[str, float]
 
 DEFAULT_WINDOW = 3
@@ -43,29 +45,40 @@ def add_counts(
 
 
 def covisit_scores(
-    neighbours: Mapping[str, Mapping[str, float]], recent: Sequence[tuple[str, float]]
+    neighbours: Mapping[str, Mapping[str, float]],
+    recent: Sequence[tuple[str, float]],
+    limit: int | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Candidate scores in [0, 1] from the recent items' neighbours, and each one's top source.
 
     ``recent`` holds (item id, weight) pairs; a candidate's raw score is the weighted sum of its
     co-visitation counts with those items, normalised per source item by that item's total count.
+    ``limit``: keep only the best ``limit`` candidates (and any tied with the last of them);
+    five sources of up to 200 neighbours each would otherwise hand the ranker a thousand.
     """
     raw: dict[str, float] = {}
-    best: dict[str, tuple[float, str]] = {}
+    best: dict[str, float] = {}
+    source: dict[str, str] = {}
     for item, weight in recent:
         neigh = neighbours.get(item)
         if not neigh or weight <= 0:
             continue
-        total = sum(neigh.values())
+        scale = weight / sum(neigh.values())
         for other, count in neigh.items():
-            contribution = weight * count / total
-            raw[other] = raw.get(other, 0.0) + contribution
-            if contribution > best.get(other, (0.0, ""))[0]:
-                best[other] = (contribution, item)
+            contribution = count * scale
+            before = raw.get(other)
+            raw[other] = contribution if before is None else before + contribution
+            if contribution > best.get(other, 0.0):
+                best[other] = contribution
+                source[other] = item
     if not raw:
         return {}, {}
+    if limit is not None and len(raw) > limit:
+        values = np.fromiter(raw.values(), dtype=np.float64, count=len(raw))
+        bound = np.partition(values, len(values) - limit)[len(values) - limit]
+        raw = {k: v for k, v in raw.items() if v >= bound}
     top = max(raw.values())
-    return {k: v / top for k, v in raw.items()}, {k: src for k, (_, src) in best.items()}
+    return {k: v / top for k, v in raw.items()}, {k: source[k] for k in raw if k in source}
 
 
 def bump_popularity(

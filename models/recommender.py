@@ -169,7 +169,11 @@ class Recommender:
         excluded = [r.state.exclusions(self.cfg.exclude_seen) for r in requests]
         similar = self._similar(queries, excluded)
         covisits = [
-            covisit_scores(r.neighbours, [(i, 1.0) for i in covisit_sources(r.state)])
+            covisit_scores(
+                r.neighbours,
+                [(i, 1.0) for i in covisit_sources(r.state)],
+                limit=2 * self.cfg.candidates,
+            )
             for r in requests
         ]
         source, pop = self._popular

@@ -292,6 +292,25 @@ def test_covisit_scores_normalise_per_source_and_name_the_top_source() -> None:
     assert covisit_scores(neighbours, [("unknown", 1.0)]) == ({}, {})
 
 
+def test_covisit_scores_keep_the_best_candidates_up_to_the_limit_and_their_ties() -> None:
+    """With a limit, only the best-scored candidates survive (with any tied at the boundary),
+    their scores and sources as without the limit, still scaled so the best is 1."""
+    neighbours = {
+        "a": {"x": 4.0, "y": 2.0, "z": 2.0, "w": 1.0, "v": 1.0},
+        "b": {"x": 1.0, "u": 3.0},
+    }
+    recent = [("a", 1.0), ("b", 1.0)]
+    full, full_source = covisit_scores(neighbours, recent)
+    two, two_source = covisit_scores(neighbours, recent, limit=2)
+    # raw: x = 0.4 + 0.25 = 0.65, u = 0.75, y = z = 0.2, w = v = 0.1
+    assert two == pytest.approx({"u": 1.0, "x": 0.65 / 0.75})
+    assert two_source == {"u": "b", "x": "a"}
+    tied, _ = covisit_scores(neighbours, recent, limit=3)
+    assert set(tied) == {"u", "x", "y", "z"}  # y and z tie for third place
+    assert {k: full[k] for k in tied} == pytest.approx(tied)
+    assert covisit_scores(neighbours, recent, limit=10) == (full, full_source)
+
+
 def test_bump_popularity_decays_old_counts_per_new_interaction() -> None:
     """Old counts decay by decay**n for n new interactions; each new one by its recency."""
     popular = bump_popularity({"a": 1.0, "c": 4.0}, ["b", "a"], decay=0.5)
