@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,10 +29,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _handler(target: str) -> Callable[[argparse.Namespace], int]:
-    """A lazily imported command implementation named ``module:function``."""
+#: Set (unless already set) before a worker's modules load numpy. The ranker's matrix products
+#: are small; OpenBLAS's extra threads spin between them and took a third of a core from the
+#: event loop and the broker at 500 events/s (docs/performance.md).
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1"}
+
+
+def _handler(target: str, env: dict[str, str] | None = None) -> Callable[[argparse.Namespace], int]:
+    """A lazily imported command implementation named ``module:function``; ``env`` is set
+    (where not already set) before its module is imported."""
 
     def run(args: argparse.Namespace) -> int:
+        for name, value in (env or {}).items():
+            os.environ.setdefault(name, value)
         module, func = target.split(":")
         return int(getattr(importlib.import_module(module), func)(args) or 0)
 
@@ -104,7 +114,7 @@ def _add_stack_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     up = sub.add_parser("up", help="embedded broker + topics + worker (role all); Ctrl-C stops all")
     up.add_argument("--data-dir", type=Path, help="vector store and worker state (default .data)")
     up.add_argument("--port", type=int, default=9092, help="broker port (default 9092)")
-    up.set_defaults(run=_handler("streams.up:cli_up"))
+    up.set_defaults(run=_handler("streams.up:cli_up", WORKER_ENV))
 
     demo = sub.add_parser("demo", help="`up` + demo catalogue + simulated users + live view")
     demo.add_argument("--data-dir", type=Path, help="where the demo keeps its state (.data/demo)")
@@ -116,7 +126,7 @@ def _add_stack_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
         help="stop after this many seconds (default: run until Ctrl-C)",
     )
     demo.add_argument("--rate", type=_positive, default=2.0, help="simulated events per second")
-    demo.set_defaults(run=_handler("streams.demo:cli_demo"))
+    demo.set_defaults(run=_handler("streams.demo:cli_demo", WORKER_ENV))
 
     demo.add_argument(
         "--console-port",
@@ -143,7 +153,7 @@ def _add_stack_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
 
     worker = sub.add_parser("worker", help="one Faust worker against the configured Kafka/Qdrant")
     worker.add_argument("--role", choices=["all", "ingest", "encoder", "recommend"], default="all")
-    worker.set_defaults(run=_handler("streams.up:cli_worker"))
+    worker.set_defaults(run=_handler("streams.up:cli_worker", WORKER_ENV))
 
 
 def _add_client_commands(sub: argparse._SubParsersAction[_Parser]) -> None:

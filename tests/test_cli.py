@@ -120,3 +120,27 @@ def test_user_error_is_one_line_through_python_dash_m(tmp_path: Path) -> None:
     result = _run(["archive", "--out", "arch", "--topics", "nope.v1"], cwd=tmp_path)
     assert result.returncode == 1
     assert "nope.v1" in _one_error_line(result, "recstream: error:")
+
+
+def test_stack_commands_run_with_one_openblas_thread_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`recstream worker`, `up` and `demo` set OPENBLAS_NUM_THREADS=1 before importing their
+    module (numpy reads it once, at load); a value the user set is kept, and a client command
+    such as `publish` leaves the variable alone."""
+    import os
+
+    from infra.cli import WORKER_ENV, _handler, build_parser
+
+    parser = build_parser()
+    for argv in (["worker"], ["up"], ["demo"]):
+        run = parser.parse_args(argv).run
+        assert WORKER_ENV in [c.cell_contents for c in run.__closure__ or ()], argv
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    _handler("builtins:id", WORKER_ENV)(parser.parse_args(["worker"]))
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    _handler("builtins:id", WORKER_ENV)(parser.parse_args(["worker"]))
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
+    publish = parser.parse_args(["publish", "x.jsonl"]).run
+    assert WORKER_ENV not in [c.cell_contents for c in publish.__closure__ or ()]
