@@ -272,15 +272,15 @@ class WriteBehind(MutableMapping[str, Any]):
     def __init__(
         self,
         table: Any,
+        changelog: ChangelogBatches,
         encode: Callable[[Any], Any] | None = None,
-        changelog: ChangelogBatches | None = None,
     ) -> None:
-        """``encode``: turns a held value into the table's value at the flush (reads of a key
-        changed since the last flush give the held value, others the table's). ``changelog``:
-        where the flush puts the changelog records (None: Faust's own send, one per record)."""
+        """``changelog``: where the flush puts the table's changelog records. ``encode``: turns
+        a held value into the table's value at the flush (reads of a key changed since the last
+        flush give the held value, others the table's)."""
         self.table = table  # the Faust table
-        self.encode = encode
         self.changelog = changelog
+        self.encode = encode
         self._dirty: dict[str, Any] = {}  # key -> newest value, or _DELETED
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -330,18 +330,12 @@ class WriteBehind(MutableMapping[str, Any]):
         table, encode, changelog = self.table, self.encode, self.changelog
         for key, value in dirty.items():
             if value is _DELETED:
-                if changelog is None:
-                    table.on_key_del(key)
-                else:
-                    changelog.add(table, key, None)
+                changelog.add(table, key, None)
                 with contextlib.suppress(KeyError):  # set and deleted since the last flush
                     del table.data[key]
             else:
                 record = value if encode is None else encode(value)
-                if changelog is None:
-                    table.on_key_set(key, record)
-                else:
-                    changelog.add(table, key, record)
+                changelog.add(table, key, record)
                 table.data[key] = record
         self._dirty = {}
         return len(dirty)
@@ -368,11 +362,6 @@ class ChangelogBatches:
         self._records: dict[tuple[Any, TP], list[tuple[bytes, bytes | None]]] = {}
         self._sending: asyncio.Lock | None = None  # one send at a time keeps each key in order
 
-    @property
-    def pending(self) -> int:
-        """Records added and not yet handed to the producer."""
-        return sum(len(rows) for rows in self._records.values())
-
     def add(self, table: Any, key: Any, value: Any) -> None:
         """Queue the changelog record of ``key`` (``value`` None: a tombstone)."""
         topic = table.changelog_topic
@@ -383,15 +372,14 @@ class ChangelogBatches:
         tp = self.app.producer.key_partition(topic.get_topic_name(), raw_key)
         self._records.setdefault((table, tp), []).append((raw_key, raw_value))
 
-    async def send(self) -> int:
-        """Hand every queued record to the producer and wait for the broker's acknowledgement;
-        return how many were sent."""
+    async def send(self) -> None:
+        """Hand every queued record to the producer and wait for the broker's acknowledgement."""
         if self._sending is None:
             self._sending = asyncio.Lock()
         async with self._sending:
             records, self._records = self._records, {}
             if not records:
-                return 0
+                return
             producer = self.app.producer._ensure_producer()  # aiokafka's AIOKafkaProducer
             sent: list[tuple[Any, TP, int, asyncio.Future[Any]]] = []
             for (table, tp), rows in records.items():
@@ -413,7 +401,6 @@ class ChangelogBatches:
                 meta = await future
                 if meta is not None:  # the base offset of the batch
                     table.data.set_persisted_offset(tp, meta.offset + count - 1)
-            return sum(len(rows) for rows in records.values())
 
 
 def flush_before_commit(app: Any, tables: Iterable[WriteBehind]) -> None:

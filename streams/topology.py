@@ -155,8 +155,8 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
         def table(name: str, encode: Callable[[Any], Any] | None = None) -> WriteBehind:
             return WriteBehind(
                 app.Table(name, default=None, schema=table_schema, use_partitioner=True),
-                encode,
                 app.changelog_batches,
+                encode,
             )
 
         users = table("user-state", UserState.to_dict)  # holds UserState objects until a commit

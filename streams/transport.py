@@ -118,9 +118,7 @@ class _DrainingProducer(driver.Producer):
 
     async def flush(self) -> None:
         """Send the write-behind tables' changelog records, then flush as Faust does."""
-        batches = getattr(self.app, "changelog_batches", None)
-        if batches is not None:
-            await batches.send()
+        await cast(TunedApp, self.app).changelog_batches.send()
         await super().flush()
 
 

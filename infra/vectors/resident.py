@@ -49,12 +49,7 @@ class ResidentIndex:
         self._marks_lock = threading.Lock()  # held only to add or take marks
         self._marked: set[str] = set()
         self._stale = True  # load everything on the next query
-        self._mat = np.zeros((0, 0), np.float32)  # rows [0, _n) used; unit vectors
-        self._keys: list[str | None] = []  # per row; None once the row is dead
-        self._rows: dict[str, int] = {}
-        self._n = 0
-        self._dead = 0
-        self._dead_rows: np.ndarray | None = np.zeros(0, np.intp)  # None: recompute
+        self._clear()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -100,8 +95,10 @@ class ResidentIndex:
                 if n <= 0:
                     continue
                 row = scores[q]
-                top = np.argpartition(row, self._n - n)[self._n - n :] if n < self._n else None
-                picked = np.arange(self._n) if top is None else top
+                if n < self._n:
+                    picked = np.argpartition(row, self._n - n)[self._n - n :]
+                else:
+                    picked = np.arange(self._n)
                 order = picked[np.argsort(-row[picked], kind="stable")][:n]
                 out[q] = dict(zip([keys[i] for i in order], row[order].tolist(), strict=True))
             return out
@@ -146,9 +143,12 @@ class ResidentIndex:
         self.active = False
 
     def _clear(self) -> None:
-        self._mat = np.zeros((0, 0), np.float32)
-        self._keys, self._rows, self._n, self._dead = [], {}, 0, 0
-        self._dead_rows = np.zeros(0, np.intp)
+        self._mat = np.zeros((0, 0), np.float32)  # rows [0, _n) used; unit vectors
+        self._keys: list[str | None] = []  # per row; None once the row is dead
+        self._rows: dict[str, int] = {}
+        self._n = 0
+        self._dead = 0
+        self._dead_rows: np.ndarray | None = np.zeros(0, np.intp)  # None: recompute
 
     def _put(self, point: VectorPoint) -> None:
         vector = np.asarray(point.vector, dtype=np.float32).ravel()
