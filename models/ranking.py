@@ -5,7 +5,7 @@ Input is plain data (vectors, payload titles, scores); no store or broker is tou
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,40 +88,57 @@ def _base_scores(inp: RankInput, items: Mapping[str, ItemInfo], w: Weights) -> d
     }
 
 
+def top_order(values: np.ndarray, key: Callable[[int], str], n: int) -> list[int]:
+    """Positions of the ``n`` best ``values`` by (-value, key): numpy finds the boundary value,
+    and only the positions at or above it are sorted in Python (ties at the boundary included,
+    so the order is exactly that of sorting everything)."""
+    total = len(values)
+    if total <= n:
+        near: Iterable[int] = range(total)
+    else:
+        bound = np.partition(values, total - n)[total - n]
+        near = np.flatnonzero(values >= bound).tolist()
+    scores = values.tolist()
+    return sorted(near, key=lambda j: (-scores[j], key(j)))[:n]
+
+
 def _top(scores: Mapping[str, float], n: int) -> list[str]:
-    """The ``n`` best items by (-score, item id): numpy finds the boundary score, and only the
-    items at or above it are sorted in Python (ties at the boundary included, so the order is
-    exactly that of sorting everything)."""
+    """The ``n`` best items by (-score, item id)."""
     keys = list(scores)
-    if len(keys) <= n:
-        return sorted(keys, key=lambda i: (-scores[i], i))
-    vals = np.fromiter(scores.values(), dtype=np.float64, count=len(keys))
-    bound = np.partition(vals, len(vals) - n)[len(vals) - n]
-    near = [keys[j] for j in np.flatnonzero(vals >= bound)]
-    return sorted(near, key=lambda i: (-scores[i], i))[:n]
+    values = np.fromiter(scores.values(), dtype=np.float64, count=len(keys))
+    return [keys[j] for j in top_order(values, keys.__getitem__, n)]
+
+
+def mmr_order(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> list[int]:
+    """Maximal marginal relevance over a pool in score order (rows of ``vectors``): trade each
+    next item's relevance against its nearest pick; the positions picked, in order."""
+    if not len(relevance) or lam >= 1.0:  # no diversity term: the pool is already in order
+        return list(range(min(k, len(relevance))))
+    rel = np.asarray(relevance, dtype=np.float64)
+    spread = float(rel.max() - rel.min())  # relevance on [0, 1], so lambda means the same for
+    rel = (rel - rel.min()) / spread if spread > 0 else np.ones_like(rel)  # any score scale
+    value = lam * rel  # the first pick has no penalty
+    nearest = np.full(len(rel), -np.inf)
+    chosen: list[int] = []
+    for _ in range(min(k, len(rel))):
+        best = int(np.argmax(value))
+        chosen.append(best)
+        np.maximum(nearest, vectors @ vectors[best], out=nearest)
+        value = lam * rel - (1.0 - lam) * nearest
+        value[chosen] = -np.inf
+    return chosen
 
 
 def mmr_select(
     scores: Mapping[str, float], items: Mapping[str, ItemInfo], k: int, lam: float
 ) -> list[str]:
-    """Maximal marginal relevance: trade each next item's score against its nearest pick."""
+    """Maximal marginal relevance over the best ``POOL_FACTOR * k`` items by score."""
     pool = _top(scores, max(k * POOL_FACTOR, k))
-    if not pool or lam >= 1.0:  # no diversity term: the pool is already in score order
+    if not pool or lam >= 1.0:
         return pool[:k]
     vecs = np.stack([items[i].vector for i in pool])
     rel = np.array([scores[i] for i in pool])
-    spread = float(rel.max() - rel.min())  # relevance on [0, 1], so lambda means the same for
-    rel = (rel - rel.min()) / spread if spread > 0 else np.ones_like(rel)  # any score scale
-    value = lam * rel  # the first pick has no penalty
-    nearest = np.full(len(pool), -np.inf)
-    chosen: list[int] = []
-    for _ in range(min(k, len(pool))):
-        best = int(np.argmax(value))
-        chosen.append(best)
-        np.maximum(nearest, vecs @ vecs[best], out=nearest)
-        value = lam * rel - (1.0 - lam) * nearest
-        value[chosen] = -np.inf
-    return [pool[i] for i in chosen]
+    return [pool[i] for i in mmr_order(rel, vecs, k, lam)]
 
 
 def explain(
@@ -155,14 +172,17 @@ def explain_all(
             kinds[inter.item_id] = inter.kind
     mat = np.stack([p.vector for p in picked])
     hist = [h for h in kinds if h in items]
-    hist_sims = (mat @ np.stack([items[h].vector for h in hist]).T).tolist() if hist else None
+    hist_sims = mat @ np.stack([items[h].vector for h in hist]).T if hist else None
+    nearest = hist_sims.argmax(axis=1).tolist() if hist_sims is not None else []
     refs = [r for r in inp.reviews if r.key in review_vectors]
     rev_sims = (mat @ np.stack([review_vectors[r.key] for r in refs]).T).tolist() if refs else None
     out = []
     for n, item in enumerate(picked):
         found: list[tuple[float, str, str]] = []
         if hist_sims is not None:
-            sim, h = max(zip(hist_sims[n], hist, strict=True))
+            row = hist_sims[n]
+            sim = float(row[nearest[n]])  # the closest history item; of equals, the greatest id
+            h = max(hist[j] for j in np.flatnonzero(row == row[nearest[n]]).tolist())
             verb = VERBS.get(kinds[h], "viewed")
             found.append((sim, "history", f"because you {verb} {_quote(items[h].title)}"))
         if rev_sims is not None:

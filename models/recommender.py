@@ -12,8 +12,21 @@ import numpy as np
 
 from infra.settings import RankingSettings
 from infra.vectors import Filter, VectorPoint, VectorStore
+from infra.vectors.cached import CachedStore
+from infra.vectors.resident import ResidentIndex, ResidentView
 from models.covisit import Neighbours, covisit_scores
-from models.ranking import ItemInfo, Ranked, RankInput, Weights, rank
+from models.ranking import (
+    POOL_FACTOR,
+    POPULARITY_WEIGHT,
+    ItemInfo,
+    Ranked,
+    RankInput,
+    Weights,
+    explain_all,
+    mmr_order,
+    rank,
+    top_order,
+)
 from models.reranker import SIGNAL_REASON, Signals, signals
 from models.state import Fusion, UserState, behaviour_vector, history_keys, text_vector
 from models.trained import TrainedModel
@@ -49,6 +62,18 @@ def _info(point: VectorPoint) -> ItemInfo | None:
     return ItemInfo(
         point.key, point.vector, str(p.get("title") or point.key), bool(p.get("available", True))
     )
+
+
+@dataclass(slots=True)
+class _Round:
+    """What every way of ranking a batch of users needs first."""
+
+    items: dict[str, ItemInfo]  # the users' history items
+    review_vecs: dict[str, np.ndarray]
+    queries: list[np.ndarray | None]  # fusion queries f(x, z)
+    excluded: list[set[str]]
+    covisits: list[tuple[dict[str, float], dict[str, str]]]  # scores and sources per user
+    popular: dict[str, float]  # the top popular items, scaled to [0, 1]
 
 
 @dataclass(slots=True)
@@ -123,6 +148,11 @@ class Recommender:
         if not requests:
             return []
         model = self.model  # one model for the whole batch, even if another is switched in
+        index = self._resident() if model is None else None
+        if index is not None:
+            with index.view() as view:
+                if view is not None:
+                    return self._recommend_resident(requests, popular or {}, view)
         batch = self._gather(requests, popular or {}, model)
         out = []
         for n, inp in enumerate(batch.inputs):
@@ -153,33 +183,13 @@ class Recommender:
         model: TrainedModel | None,
     ) -> _Batch:
         """Candidates, item vectors and (with a model) signals for a batch of users."""
-        fusion = model.fusion if model is not None else self.fallback
-        item_keys, review_keys = history_keys([r.state for r in requests])
-        items = self._items(item_keys)
-        rev_points = self.store.retrieve(self.reviews, review_keys) if review_keys else {}
-        review_vecs = {k: p.vector for k, p in rev_points.items() if p.vector is not None}
+        prep = self._prepare(
+            requests, popular, model.fusion if model is not None else self.fallback
+        )
+        items, queries, excluded, covisits = prep.items, prep.queries, prep.excluded, prep.covisits
+        pop = prep.popular
         item_vecs = {k: i.vector for k, i in items.items()}
-        queries = [
-            fusion.query(
-                behaviour_vector(r.state, item_vecs, self.cfg.half_life_events),
-                text_vector(r.state, review_vecs),
-            )
-            for r in requests
-        ]
-        excluded = [r.state.exclusions(self.cfg.exclude_seen) for r in requests]
         similar = self._similar(queries, excluded)
-        covisits = [
-            covisit_scores(
-                r.neighbours,
-                [(i, 1.0) for i in covisit_sources(r.state)],
-                limit=2 * self.cfg.candidates,
-            )
-            for r in requests
-        ]
-        source, pop = self._popular
-        if source is not popular:
-            pop = self._popular_scores(popular)
-            self._popular = (popular, pop)
         wanted = {i for cs, _ in covisits for i in cs} | set(pop)
         wanted |= {i for s in similar for i in s}
         users = None
@@ -200,7 +210,7 @@ class Recommender:
                 queries, requests, excluded, similar, covisits, strict=True
             )
         ]
-        batch = _Batch(items, review_vecs, inputs)
+        batch = _Batch(items, prep.review_vecs, inputs)
         if model is not None and users is not None:
             vecs = {k: i.vector for k, i in items.items()}
             batch.signals = [
@@ -208,6 +218,121 @@ class Recommender:
                 for inp, r, u, e in zip(inputs, requests, users, extra, strict=True)
             ]
         return batch
+
+    def _prepare(
+        self, requests: Sequence[UserRequest], popular: Mapping[str, float], fusion: Fusion
+    ) -> _Round:
+        """The users' history items and review vectors, fusion queries, exclusions, co-visited
+        candidates, and the popular items (scaled, once per popularity map)."""
+        item_keys, review_keys = history_keys([r.state for r in requests])
+        reviewed = [r.item_id for req in requests for r in req.state.reviews]
+        items = self._items(list(dict.fromkeys([*item_keys, *reviewed])))  # titles for reasons
+        rev_points = self.store.retrieve(self.reviews, review_keys) if review_keys else {}
+        review_vecs = {k: p.vector for k, p in rev_points.items() if p.vector is not None}
+        item_vecs = {k: i.vector for k, i in items.items()}
+        queries = [
+            fusion.query(
+                behaviour_vector(r.state, item_vecs, self.cfg.half_life_events),
+                text_vector(r.state, review_vecs),
+            )
+            for r in requests
+        ]
+        covisits = [
+            covisit_scores(
+                r.neighbours,
+                [(i, 1.0) for i in covisit_sources(r.state)],
+                limit=2 * self.cfg.candidates,
+            )
+            for r in requests
+        ]
+        source, pop = self._popular
+        if source is not popular:
+            pop = self._popular_scores(popular)
+            self._popular = (popular, pop)
+        excluded = [r.state.exclusions(self.cfg.exclude_seen) for r in requests]
+        return _Round(items, review_vecs, queries, excluded, covisits, pop)
+
+    def _resident(self) -> ResidentIndex | None:
+        """The store's in-memory matrix of the available items, when it keeps one for them."""
+        store = self.store
+        if isinstance(store, CachedStore) and store.collection == self.items:
+            return store.resident
+        return None
+
+    def _recommend_resident(
+        self, requests: Sequence[UserRequest], popular: Mapping[str, float], view: ResidentView
+    ) -> list[list[Ranked]]:
+        """:meth:`recommend` without a trained model, scored by rows of the resident matrix.
+
+        The lists are the ones the candidate dictionaries give (the same candidates: the best
+        ``candidates`` by cosine, co-visited and popular items; the same sums, MMR and reasons),
+        but a candidate is a row: its cosine comes from the round's one matrix product, and no
+        item is read from the store except the users' history.
+        """
+        prep = self._prepare(requests, popular, self.fallback)
+        asked = [q for q in prep.queries if q is not None]
+        cosines = iter(view.scores(asked) if asked else ())
+        pop_rows, pop_values = _rows_of(view, prep.popular)
+        popular_add = np.zeros(len(view.keys))  # what popularity adds to each row's score
+        popular_add[pop_rows] = POPULARITY_WEIGHT * pop_values
+        lists = []
+        for req, query, excluded, (covisit, source) in zip(
+            requests, prep.queries, prep.excluded, prep.covisits, strict=True
+        ):
+            cosine = next(cosines) if query is not None else None
+            rows, scores = self._pick(view, cosine, covisit, excluded, pop_rows, popular_add)
+            infos = [ItemInfo(view.key(r), view.matrix[r], "") for r in rows]
+            inp = RankInput(
+                query,
+                req.state.recent,
+                req.state.reviews,
+                excluded,
+                {},
+                covisit=covisit,
+                covisit_source=source,
+                popular=prep.popular,
+            )
+            reasons = explain_all(infos, inp, prep.items, prep.review_vecs)
+            lists.append(
+                [
+                    Ranked(info.item_id, round(score, 6), why)
+                    for info, score, why in zip(infos, scores, reasons, strict=True)
+                ]
+            )
+        return lists
+
+    def _pick(  # noqa: PLR0917 - one call site, every argument a different part of the round
+        self,
+        view: ResidentView,
+        cosine: np.ndarray | None,
+        covisit: Mapping[str, float],
+        excluded: set[str],
+        pop_rows: np.ndarray,
+        popular_add: np.ndarray,
+    ) -> tuple[list[int], list[float]]:
+        """One user's list as matrix rows and scores: the candidates (the best by ``cosine``,
+        over-fetched by the exclusions; co-visited; popular) minus ``excluded``, scored as
+        :func:`models.ranking.rank` scores them, the pool's best by score diversified by MMR."""
+        cov_rows, cov_values = _rows_of(view, covisit)
+        is_candidate = np.zeros(len(view.keys), dtype=bool)
+        is_candidate[cov_rows] = True
+        is_candidate[pop_rows] = True
+        if cosine is not None:
+            is_candidate[view.top(cosine, self.cfg.candidates + len(excluded))] = True
+        if excluded:
+            is_candidate[_rows_of(view, dict.fromkeys(excluded, 0.0))[0]] = False
+        cand = np.flatnonzero(is_candidate)
+        score = cosine[cand].astype(np.float64) if cosine is not None else np.zeros(len(cand))
+        covisit_add = np.zeros(len(view.keys))
+        covisit_add[cov_rows] = self.weights.covisit * cov_values
+        score = score + covisit_add[cand] + popular_add[cand]  # added as the dictionaries add
+        rows = cand.tolist()
+        pool = top_order(
+            score, lambda j: view.key(rows[j]), max(POOL_FACTOR * self.cfg.k, self.cfg.k)
+        )
+        order = mmr_order(score[pool], view.matrix[cand[pool]], self.cfg.k, self.weights.mmr_lambda)
+        chosen = [pool[j] for j in order]
+        return [rows[j] for j in chosen], score[chosen].tolist()
 
     @staticmethod
     def _signals(  # noqa: PLR0917 - one call site, every argument a different part of the batch
@@ -271,3 +396,14 @@ class Recommender:
             return {}
         peak = best[0][1]
         return {k: v / peak for k, v in best}
+
+
+def _rows_of(view: ResidentView, values: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The matrix rows of the held keys among ``values``, and their values, in the same order."""
+    if not values:
+        return np.zeros(0, np.intp), np.zeros(0)
+    get = view.rows.get
+    rows = np.fromiter((get(key, -1) for key in values), dtype=np.intp, count=len(values))
+    found = np.fromiter(values.values(), dtype=np.float64, count=len(values))
+    held = rows >= 0
+    return rows[held], found[held]

@@ -295,17 +295,19 @@ def behaviour_vector(
     state: UserState, vectors: Mapping[str, np.ndarray], half_life_events: float
 ) -> np.ndarray | None:
     """x: recency-decayed, kind-weighted mean of the recent items' vectors (None if none known)."""
-    acc: np.ndarray | None = None
-    total = 0.0
+    known: list[np.ndarray] = []
+    weights: list[float] = []
     newest = len(state.recent) - 1
     for pos, inter in enumerate(state.recent):
         vec = vectors.get(inter.item_id)
         if vec is None or inter.weight <= 0.0:
             continue
-        w = inter.weight * 0.5 ** ((newest - pos) / half_life_events)
-        acc = vec * w if acc is None else acc + vec * w
-        total += w
-    return None if acc is None or total == 0.0 else acc / total
+        known.append(vec)
+        weights.append(inter.weight * 0.5 ** ((newest - pos) / half_life_events))
+    total = sum(weights)
+    if not known or total == 0.0:
+        return None
+    return (np.asarray(weights, dtype=np.float32) @ np.stack(known)) / np.float32(total)
 
 
 def text_vector(state: UserState, vectors: Mapping[str, np.ndarray]) -> np.ndarray | None:

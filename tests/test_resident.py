@@ -20,7 +20,7 @@ from infra.vectors.edge import EdgeVectorStore
 from infra.vectors.resident import ResidentIndex
 from infra.vectors.server import QdrantServerStore
 from models.recommender import Recommender, UserRequest
-from models.state import Fusion, Interaction, UserState
+from models.state import Fusion, Interaction, ReviewRef, UserState
 from streams.services import Services
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
@@ -246,13 +246,20 @@ def test_index_rejects_a_query_of_the_wrong_width(backend: VectorStore) -> None:
 
 
 def test_ranked_lists_are_the_same_with_and_without_the_index(tmp_path: Path) -> None:
-    """For 40 users over 2,000 items, the recommender's lists with the resident index have the
-    same items in the same order with the same reasons as with Edge answering every query, and
-    scores equal to float32 rounding."""
+    """For 60 users over 2,000 items (histories of 0 to 11 items, bought items, co-visitation
+    maps, reviews), the lists scored by rows of the resident matrix have the same items in the
+    same order with the same reasons as the lists the store's candidates give, and scores equal
+    to float32 rounding. Items carry ``available`` as the encode step writes it (every seventh
+    false): an item without the field is never a candidate of the matrix."""
     backend = EdgeVectorStore(tmp_path / "qdrant")
     for name in ("items", "reviews"):
         backend.ensure_collection(name, DIM)
-    backend.upsert("items", _points(2000))
+    points = _points(2000)
+    for point in points:
+        point.payload.setdefault("available", True)
+    backend.upsert("items", points)
+    review_vecs = _unit(np.random.default_rng(4), 5)
+    backend.upsert("reviews", [VectorPoint(f"r{k}", review_vecs[k]) for k in range(5)])
     cfg = RankingSettings(k=10)
 
     def recommender(resident: int | None) -> Recommender:
@@ -261,11 +268,21 @@ def test_ranked_lists_are_the_same_with_and_without_the_index(tmp_path: Path) ->
 
     rng = random.Random(2)
     requests = []
-    for u in range(40):
+    for u in range(60):
         state = UserState()
-        for j in range(1 + u % 12):
-            state.recent.append(Interaction(f"i{rng.randrange(2000)}", "view", j, 1.0))
-        requests.append(UserRequest(f"u{u}", state, {}))
+        for j in range(u % 12):
+            kind = "purchase" if j % 4 == 3 else "view"
+            state.recent.append(Interaction(f"i{rng.randrange(2000)}", kind, j, 1.0))
+            if kind == "purchase":
+                state.consumed.append(state.recent[-1].item_id)
+        if u % 5 == 1:
+            state.reviews.append(ReviewRef(f"r{u % 5}", f"i{rng.randrange(2000)}", "good"))
+        neighbours = {
+            inter.item_id: {f"i{rng.randrange(2000)}": float(rng.randint(1, 4)) for _ in range(30)}
+            for inter in state.recent[-3:]
+            if u % 3
+        }
+        requests.append(UserRequest(f"u{u}", state, neighbours))
     popular = {f"i{k}": float(k % 9) for k in range(0, 2000, 37)}
     with_index = recommender(10_000).recommend(requests, popular)
     without = recommender(None).recommend(requests, popular)
@@ -278,6 +295,12 @@ def test_ranked_lists_are_the_same_with_and_without_the_index(tmp_path: Path) ->
         atol=1e-5,
     )
     assert all(len(lst) == 10 for lst in with_index)
+    reasons = {why for lst in with_index for r in lst for why in r.reasons}
+    assert any(why.startswith("often viewed together") for why in reasons)
+    assert any(why.startswith("close to your review") for why in reasons)
+    assert "popular with other people right now" in reasons  # the user with no history
+    for req, lst in zip(requests, with_index, strict=True):  # nothing bought or seen again
+        assert not req.state.exclusions(True) & {r.item_id for r in lst}
     backend.close()
 
 

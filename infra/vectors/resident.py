@@ -19,7 +19,9 @@ short lock of its own, never the one a query holds while it multiplies.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,6 +35,52 @@ _MIN_ROWS = 1024  # initial capacity, and the fewest dead rows worth compacting
 def _held(point: VectorPoint | None) -> bool:
     """Whether a stored point meets the filter the index answers (as the stores match it)."""
     return point is not None and point.vector is not None and point.payload.get("available") is True
+
+
+@dataclass(frozen=True, slots=True)
+class ResidentView:
+    """The held points while :meth:`ResidentIndex.view` holds the index: row ``r`` of
+    ``matrix`` is the unit vector of ``keys[r]``; rows listed in ``dead`` hold nothing."""
+
+    matrix: np.ndarray
+    rows: Mapping[str, int]
+    keys: Sequence[str | None]
+    dead: np.ndarray
+    collection: str
+
+    def key(self, row: int) -> str:
+        """The key held in a live ``row``."""
+        key = self.keys[row]
+        if key is None:
+            raise KeyError(f"row {row} of {self.collection!r} holds nothing")
+        return key
+
+    def scores(self, vectors: Sequence[np.ndarray]) -> np.ndarray:
+        """Cosines of each query with every row, (queries, rows) float32; dead rows -inf."""
+        queries = np.asarray(np.stack(vectors), dtype=np.float32)
+        if queries.shape[1] != self.matrix.shape[1]:
+            raise ValueError(
+                f"{queries.shape[1]}-d query for {self.matrix.shape[1]}-d {self.collection!r}"
+            )
+        norms = np.linalg.norm(queries, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        queries = queries / norms  # float32 throughout: no copy of the matrix in float64
+        scores = queries @ self.matrix.T  # numpy drops the GIL for the product
+        if len(self.dead):
+            scores[:, self.dead] = -np.inf
+        return scores
+
+    def top(self, row_scores: np.ndarray, limit: int) -> np.ndarray:
+        """The rows of the ``limit`` best live scores, best first (ties in row order)."""
+        n = min(limit, len(self.rows))
+        if n <= 0:
+            return np.zeros(0, np.intp)
+        total = len(row_scores)
+        if n < total:
+            picked = np.argpartition(row_scores, total - n)[total - n :]
+        else:
+            picked = np.arange(total)
+        return picked[np.argsort(-row_scores[picked], kind="stable")][:n]
 
 
 class ResidentIndex:
@@ -64,43 +112,36 @@ class ResidentIndex:
         with self._marks_lock:
             self._stale = True
 
+    @contextmanager
+    def view(self) -> Iterator[ResidentView | None]:
+        """The held points, brought up to date, for as long as the block runs (None while the
+        index is off). Queries from other threads wait; marks do not."""
+        with self._lock:
+            self._sync()
+            if not self.active:
+                yield None
+                return
+            yield ResidentView(
+                self._mat[: self._n], self._rows, self._keys, self._dead_indices(), self.collection
+            )
+
     def query(
         self, vectors: Sequence[np.ndarray], limits: Sequence[int]
     ) -> list[dict[str, float]] | None:
         """Per query, the ``limit`` most similar held points as ``{key: cosine}``, best first;
         None while the index is off (too many points), for the caller to ask the store."""
-        with self._lock:
-            self._sync()
-            if not self.active:
+        with self.view() as view:
+            if view is None:
                 return None
             out: list[dict[str, float]] = [{} for _ in vectors]
-            if not self._rows or not len(vectors):
+            if not view.rows or not len(vectors):
                 return out
-            queries = np.asarray(np.stack(vectors), dtype=np.float32)
-            if queries.shape[1] != self._mat.shape[1]:
-                raise ValueError(
-                    f"{queries.shape[1]}-d query for {self._mat.shape[1]}-d {self.collection!r}"
-                )
-            norms = np.linalg.norm(queries, axis=1, keepdims=True)
-            norms[norms == 0] = 1.0
-            queries = queries / norms  # float32 throughout: no copy of the matrix in float64
-            scores = queries @ self._mat[: self._n].T  # (queries, rows); numpy drops the GIL
-            dead = self._dead_indices()
-            if len(dead):
-                scores[:, dead] = -np.inf
-            keys = self._keys
-            live = len(self._rows)
+            scores = view.scores(vectors)
             for q, limit in enumerate(limits):
-                n = min(limit, live)
-                if n <= 0:
-                    continue
-                row = scores[q]
-                if n < self._n:
-                    picked = np.argpartition(row, self._n - n)[self._n - n :]
-                else:
-                    picked = np.arange(self._n)
-                order = picked[np.argsort(-row[picked], kind="stable")][:n]
-                out[q] = dict(zip([keys[i] for i in order], row[order].tolist(), strict=True))
+                order = view.top(scores[q], limit)
+                out[q] = dict(
+                    zip([view.keys[i] for i in order], scores[q, order].tolist(), strict=True)
+                )
             return out
 
     # -- keeping the matrix in step with the store ---------------------------------------------
