@@ -31,7 +31,7 @@ from models.reranker import FEATURES, Reranker, Signals, fit_reranker
 from models.sequential import SeqConfig
 from models.state import UserState, apply_interaction
 from models.trained import ModelDirError, TrainedModel, manifest_version, read_manifest
-from models.training import holdout
+from models.training import Recipe, Trainer, holdout
 from producers.demo.data import catalog
 from schemas.eventlog import rows_to_frame, to_row
 from schemas.events import BehaviorEvent, ItemEvent
@@ -520,7 +520,6 @@ def test_textless_items_train_on_the_profile_of_training_reviews_only(tmp_path: 
     """With the real encoder and a time holdout: an ASIN-only item's training vector is the unit
     mean of the reviews in the training part; the review written after the cut is left out, and
     an item with catalogue text keeps its text's vector although it was reviewed."""
-    from models.training import Recipe, Trainer
     from schemas.events import ReviewEvent
 
     texts = [
@@ -566,3 +565,17 @@ def test_textless_items_train_on_the_profile_of_training_reviews_only(tmp_path: 
     np.testing.assert_allclose(trainer.vec_of["B00ASIN001"], mean / np.linalg.norm(mean), atol=1e-5)
     tuner = Embeddings(settings).of([data.item_text["tuner"]], "check-tuner")[0]
     np.testing.assert_allclose(trainer.vec_of["tuner"], tuner, atol=1e-5)
+
+
+def test_early_stopping_outlasts_the_plateaus_seen_on_validation() -> None:
+    """A member stops once validation NDCG@10 has not improved for ``patience`` epochs (8): not
+    at the plateaus where patience 4 stopped members (epoch 13 after a best at 9, epoch 23 after
+    a best at 19), but 8 epochs after its best, and never before."""
+    recipe = Recipe()
+    assert recipe.patience == 8
+    assert Recipe(patience=4).stops(13, 9)
+    assert not recipe.stops(13, 9)
+    assert not recipe.stops(23, 19)
+    assert not recipe.stops(27, 20)
+    assert recipe.stops(28, 20)
+    assert not recipe.stops(40, 40)
