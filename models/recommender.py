@@ -151,8 +151,9 @@ class Recommender:
         index = self._resident() if model is None else None
         if index is not None:
             with index.view() as view:
-                if view is not None:
+                if view is not None and view.rows:
                     return self._recommend_resident(requests, popular or {}, view)
+            # no matrix (off, or nothing available): the store answers, the index's lock released
         batch = self._gather(requests, popular or {}, model)
         out = []
         for n, inp in enumerate(batch.inputs):

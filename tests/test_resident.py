@@ -304,6 +304,29 @@ def test_ranked_lists_are_the_same_with_and_without_the_index(tmp_path: Path) ->
     backend.close()
 
 
+def test_lists_with_no_available_item_are_what_the_store_gives(tmp_path: Path) -> None:
+    """With every item unavailable the resident matrix holds nothing: ranking neither fails nor
+    waits on the index's lock, and gives the lists the store's candidates give (no items)."""
+    backend = EdgeVectorStore(tmp_path / "qdrant")
+    for name in ("items", "reviews"):
+        backend.ensure_collection(name, DIM)
+    points = _points(50)
+    for point in points:
+        point.payload["available"] = False
+    backend.upsert("items", points)
+    state = UserState()
+    state.recent.append(Interaction("i3", "view", 1, 1.0))
+    requests = [UserRequest("u", state, {"i3": {"i4": 2.0}}), UserRequest("v", UserState(), {})]
+    popular = {"i5": 3.0}
+    lists = []
+    for resident in (1000, None):
+        cache = CachedStore(backend, "items", resident_max=resident)
+        rec = Recommender(cache, RankingSettings(k=5), Fusion.untrained(0.7), "items", "reviews")
+        lists.append(rec.recommend(requests, popular))
+    assert lists[0] == lists[1] == [[], []]
+    backend.close()
+
+
 def test_worker_store_holds_the_items_up_to_the_configured_limit(tmp_path: Path) -> None:
     """The worker's store keeps a resident index of at most ``vectors.resident_max_items``
     items, and none when the setting is 0."""
