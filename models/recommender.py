@@ -69,6 +69,7 @@ class _Round:
     """What every way of ranking a batch of users needs first."""
 
     items: dict[str, ItemInfo]  # the users' history items
+    item_vecs: dict[str, np.ndarray]  # their vectors
     review_vecs: dict[str, np.ndarray]
     queries: list[np.ndarray | None]  # fusion queries f(x, z)
     excluded: list[set[str]]
@@ -189,7 +190,6 @@ class Recommender:
         )
         items, queries, excluded, covisits = prep.items, prep.queries, prep.excluded, prep.covisits
         pop = prep.popular
-        item_vecs = {k: i.vector for k, i in items.items()}
         similar = self._similar(queries, excluded)
         wanted = {i for cs, _ in covisits for i in cs} | set(pop)
         wanted |= {i for s in similar for i in s}
@@ -197,7 +197,7 @@ class Recommender:
         extra: list[list[str]] = [[] for _ in requests]
         if model is not None:
             users = model.user_vectors(
-                [[i.item_id for i in r.state.recent] for r in requests], item_vecs
+                [[i.item_id for i in r.state.recent] for r in requests], prep.item_vecs
             )
             longest = max(len(e) for e in excluded)
             known = model.top_known(users, self.cfg.candidates + longest)
@@ -251,7 +251,7 @@ class Recommender:
             pop = self._popular_scores(popular)
             self._popular = (popular, pop)
         excluded = [r.state.exclusions(self.cfg.exclude_seen) for r in requests]
-        return _Round(items, review_vecs, queries, excluded, covisits, pop)
+        return _Round(items, item_vecs, review_vecs, queries, excluded, covisits, pop)
 
     def _resident(self) -> ResidentIndex | None:
         """The store's in-memory matrix of the available items, when it keeps one for them."""
