@@ -18,7 +18,12 @@ behaviour events of ``--users`` users:
 - at ``--rate`` events/s for ``--duration`` s, open loop: event i is due at t0 + i/rate and its
   latency runs from that due time to its recommendation, so a stall cannot hide;
 - with ``--max``, ``--events`` events published at once; the throughput is events over the time
-  until the worker has committed all of them on both of its hops.
+  until the worker has committed all of them (on the user-updates topic too, with ``--hops 2``).
+
+``--hops 1`` (the default, as the worker runs by default) has the worker's ingest agent apply a
+user's behaviour to the user state itself; ``--hops 2`` sends every update through the
+user-updates topic to the user-state agent (``RECSTREAM_STREAM__DIRECT_UPDATES=false``), as
+between workers of split roles.
 
 An event with no recommendation of its own counts as coalesced when a later event of the same user
 got one (lists are debounced per user), and as lost otherwise. It also reports dead letters and
@@ -376,9 +381,9 @@ def measure(
             else:
                 due, achieved = open_loop(planned, args.rate, send, "measured")
                 producer.flush()
-            # wait until both hops have committed every measured event (for the usage figures);
-            # the ingest hop packs several updates to a message, so once it has committed the
-            # load, the second hop is done at the user-update topic's end
+            # wait until the worker has committed every measured event (for the usage figures);
+            # with two hops the ingest hop packs several updates to a message, so once it has
+            # committed the load, the second hop is done at the user-update topic's end
             target = base_behaviour + len(planned)
             deadline = time.monotonic() + max(STRAGGLER_S, 10.0 * len(planned) / 1000)
             updates_end = None
@@ -434,7 +439,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
-        with running_worker(settings, tmp) as (worker, alive):
+        hops = {} if args.hops == 1 else {"RECSTREAM_STREAM__DIRECT_UPDATES": "false"}
+        with running_worker(settings, tmp, **hops) as (worker, alive):
             items = catalogue(args.items, random.Random(args.seed))
             embed_s = embed_catalogue(settings, items, alive)
             print(
@@ -454,6 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "items": args.items,
         "users": args.users,
         "partitions": settings.kafka.partitions,
+        "hops": args.hops,
         "catalogue_embed_s": round(embed_s, 1),
         **result,
         "faust_noop_events_per_s": round(noop_rate, 1),
@@ -461,6 +468,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_vs_faust_noop": round(result["events_per_s"] / noop_rate, 3),
         "ratio_vs_raw_loop": round(result["events_per_s"] / raw, 4),
     }
+
+
+def _hops(r: dict[str, Any]) -> str:
+    return "two hops" if r.get("hops") == 2 else "one hop"
 
 
 def table(r: dict[str, Any]) -> str:
@@ -475,7 +486,7 @@ def table(r: dict[str, Any]) -> str:
             f"recstream e2e: {r['events']:,} behaviour events {mode}, {r['users']:,} users, "
             f"{r['items']:,} items, {r['partitions']} partitions, one worker, embedded broker, cpu",
             f"{'':<28}{'events/s':>12}{'ratio':>10}",
-            f"{'recstream (both hops)':<28}{r['events_per_s']:>12,.0f}{'':>10}",
+            f"{'recstream (' + _hops(r) + ')':<28}{r['events_per_s']:>12,.0f}{'':>10}",
             f"{'Faust no-op ceiling':<28}{r['faust_noop_events_per_s']:>12,.0f}"
             f"{r['ratio_vs_faust_noop']:>9.1%} ",
             f"{'raw confluent-kafka loop':<28}{r['raw_loop_events_per_s']:>12,.0f}"
@@ -499,6 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=1_000)
     parser.add_argument("--ceiling-events", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--hops",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: the ingest agent applies user updates itself; 2: through the user-updates topic",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if min(args.rate, args.duration, args.events, args.items, args.users, args.ceiling_events) <= 0:

@@ -104,7 +104,7 @@ def one_store(store: str, args: argparse.Namespace) -> dict[str, Any]:
             while committed(settings, BEHAVIOR.name) < len(events):
                 alive()
                 time.sleep(0.5)
-            updates = changelog_records(settings, USER_UPDATES.name)  # every event forwarded
+            updates = changelog_records(settings, USER_UPDATES.name)  # what went through the topic
             while committed(settings, USER_UPDATES.name) < updates:
                 alive()
                 time.sleep(0.5)

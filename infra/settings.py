@@ -159,6 +159,11 @@ class StreamSettings(BaseModel):
     # ago), ranking waits until the oldest waiting user has waited this long, so the worker
     # spends its time absorbing events and each list answers more of them; 0 ranks at once.
     rank_max_delay_ms: int = Field(default=5_000, ge=0, le=600_000)
+    # A worker of role ``all`` applies a behaviour or forget event to the user state itself when
+    # it holds the user's partition of the user-updates topic, instead of sending the update
+    # through that topic to its own user-state agent (one broker hop instead of two). False
+    # sends every update through the topic, as workers of split roles always do.
+    direct_updates: bool = True
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_host: str = "127.0.0.1"
     # The URL other workers use to reach this one's web server (REST requests for users whose

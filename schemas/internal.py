@@ -40,9 +40,14 @@ class UserUpdate(_Internal):
 
     ``items_changed`` is no user's: it names items whose stored vector or payload changed, and is
     sent to every partition so each recommend worker drops them from its item table.
+
+    ``barrier`` is no user's either: a worker that applies its own users' updates without this
+    topic sends one to each partition it is assigned, and starts doing so once it has read its
+    barrier back on each (:class:`streams.user_state.LocalUpdates`). ``event_id`` names the
+    assignment it was sent for.
     """
 
-    kind: Literal["behavior", "review_embedded", "forget", "items_changed"]
+    kind: Literal["behavior", "review_embedded", "forget", "items_changed", "barrier"]
     user_id: Id
     event_type: str
     item_id: str | None = None

@@ -30,10 +30,17 @@ def count_events(
 ) -> None:
     """Count a batch of Faust events by the topic each came from; ``per_line``: count each line
     of a message as one event (messages that carry several records, one per line)."""
+    count_messages(agent, (e.message for e in events), registry, per_line=per_line)
+
+
+def count_messages(
+    agent: str, messages: Iterable[Any], registry: Registry = REGISTRY, *, per_line: bool = False
+) -> None:
+    """:func:`count_events` for the messages themselves."""
     counts: Counter[str] = Counter()
-    for e in events:
-        value = e.message.value
-        counts[e.message.topic] += 1 + value.count(b"\n") if per_line and value else 1
+    for m in messages:
+        value = m.value
+        counts[m.topic] += 1 + value.count(b"\n") if per_line and value else 1
     for topic, n in counts.items():
         registry.counter(EVENTS, topic=topic, agent=agent).inc(n)
 

@@ -58,6 +58,28 @@ def items_changed(
     return [Output(USER_UPDATES, ITEMS_NOTICE_KEY, value, p) for p in range(partitions)]
 
 
+#: The key of ``barrier`` updates (they name no user; each goes to one chosen partition).
+BARRIER_KEY = "__barrier__"
+
+
+def barriers(token: str, partitions: Iterable[int], ts_ms: int) -> list[Output]:
+    """A ``barrier`` update named ``token`` for each of ``partitions`` of the user-updates topic
+    (see :class:`streams.user_state.LocalUpdates`)."""
+    value = (
+        UserUpdate(
+            event_id=token,
+            ts=ts_ms,
+            received_ms=ts_ms,
+            kind="barrier",
+            user_id=BARRIER_KEY,
+            event_type="barrier",
+        )
+        .model_dump_json(exclude_none=True)
+        .encode()
+    )
+    return [Output(USER_UPDATES, BARRIER_KEY, value, p) for p in sorted(partitions)]
+
+
 def user_update_key(user_id: str) -> bytes:
     """The key of a user's messages on the user-update topic: the user id as Faust's tables
     serialise their keys (JSON).
@@ -101,9 +123,15 @@ class UpdatePacker:
         self.partitions = max(partitions, 1)
         self._packs: dict[int, tuple[str, list[bytes], int]] = {}
 
-    def add(self, out: Output) -> list[Output]:
-        """Take a user update; return the packs that filled up (to send now)."""
-        partition = partition_of(user_update_key(out.key), self.partitions)
+    def partition(self, user_id: str) -> int:
+        """The partition of the user-updates topic that carries ``user_id``'s updates."""
+        return partition_of(user_update_key(user_id), self.partitions)
+
+    def add(self, out: Output, partition: int | None = None) -> list[Output]:
+        """Take a user update (``partition``: its user's, when the caller knows it already);
+        return the packs that filled up (to send now)."""
+        if partition is None:
+            partition = self.partition(out.key)
         key, lines, size = self._packs.get(partition, (out.key, [], 0))
         lines.append(out.value)
         size += len(out.value) + 1

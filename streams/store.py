@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +265,13 @@ class WriteBehind(MutableMapping[str, Any]):
     the commit, before it computes the offsets to commit, with nothing awaited in between: every
     input those offsets cover has its writes in the changelog records that the commit's producer
     flush sends, so a crash loses only input whose offsets were not committed, and that input is
-    read again (at-least-once, as with a write per batch). A rebalance commits before it hands
-    partitions over, so the new owner reads every write in the changelog.
+    read again (at-least-once, as with a write per batch).
+
+    A rebalance does not commit (the app does not wait for its streams to empty), and after one
+    every partition is read again from its committed offset. The held writes of keys whose
+    changelog partition the worker gives up are therefore dropped (:meth:`drop`): the input they
+    came from is read again by the partition's new owner, and written at this worker's next
+    commit they would overwrite the state the new owner writes.
     """
 
     def __init__(
@@ -316,6 +321,17 @@ class WriteBehind(MutableMapping[str, Any]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def drop(self, partitions: Collection[int]) -> int:
+        """Forget the held writes of the keys whose changelog partition is one of ``partitions``;
+        return how many."""
+        if not partitions or not self._dirty:
+            return 0
+        table, changelog = self.table, self.changelog
+        gone = [k for k in self._dirty if changelog.partition(table, k).partition in partitions]
+        for key in gone:
+            del self._dirty[key]
+        return len(gone)
+
     @property
     def pending(self) -> int:
         """Keys changed since the last flush."""
@@ -362,14 +378,21 @@ class ChangelogBatches:
         self._records: dict[tuple[Any, TP], list[tuple[bytes, bytes | None]]] = {}
         self._sending: asyncio.Lock | None = None  # one send at a time keeps each key in order
 
-    def add(self, table: Any, key: Any, value: Any) -> None:
-        """Queue the changelog record of ``key`` (``value`` None: a tombstone)."""
+    def partition(self, table: Any, key: Any) -> TP:
+        """The changelog partition of ``table`` that ``key``'s records go to."""
+        return self._place(table, key)[0]
+
+    def _place(self, table: Any, key: Any) -> tuple[TP, bytes]:
         topic = table.changelog_topic
         raw_key, _ = topic.prepare_key(key, table.key_serializer)
+        return self.app.producer.key_partition(topic.get_topic_name(), raw_key), raw_key
+
+    def add(self, table: Any, key: Any, value: Any) -> None:
+        """Queue the changelog record of ``key`` (``value`` None: a tombstone)."""
+        tp, raw_key = self._place(table, key)
         raw_value = None
         if value is not None:
-            raw_value, _ = topic.prepare_value(value, table.value_serializer)
-        tp = self.app.producer.key_partition(topic.get_topic_name(), raw_key)
+            raw_value, _ = table.changelog_topic.prepare_value(value, table.value_serializer)
         self._records.setdefault((table, tp), []).append((raw_key, raw_value))
 
     async def send(self) -> None:

@@ -11,7 +11,9 @@ users.forget.v1   ──┘     │ invalid              │                   [
                                                  └─> recstream.user-updates.v1  recommendations.v1
 ```
 Roles: ``ingest`` runs validate-input, ``encoder`` runs encode-text, ``recommend`` runs
-update-user-state, ``all`` runs every agent in one worker.
+update-user-state, ``all`` runs every agent in one worker. In ``all``, validate-input applies the
+updates of the users whose user-updates partition the worker holds to the user state itself,
+without the topic (``stream.direct_updates``; see :class:`streams.user_state.LocalUpdates`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import faust
 import structlog
@@ -42,7 +44,7 @@ from streams.store import SCHEME as STORE_SCHEME
 from streams.store import WriteBehind, flush_before_commit
 from streams.transport import TunedApp, read_true_ends
 from streams.user_state import STEP as USER_STATE_STEP
-from streams.user_state import Tables, UserStateStep, update_user_state
+from streams.user_state import LocalUpdates, Tables, UserStateStep, update_user_state
 from streams.web import register_health, register_reads
 
 log = structlog.get_logger(__name__)
@@ -108,6 +110,56 @@ def create_app(settings: Settings, role: Role) -> TunedApp:
     )
 
 
+def user_tables(app: TunedApp) -> Tables:
+    """The user-state step's tables on ``app``, each held until a commit writes it."""
+    table_schema: faust.Schema = faust.Schema(
+        key_type=str, key_serializer="raw", value_serializer="json"
+    )
+
+    def table(name: str, encode: Callable[[Any], Any] | None = None) -> WriteBehind:
+        return WriteBehind(
+            app.Table(name, default=None, schema=table_schema, use_partitioner=True),
+            app.changelog_batches,
+            encode,
+        )
+
+    users = table("user-state", UserState.to_dict)  # holds UserState objects until a commit
+    covisit, popularity = table("covisit"), table("popularity")
+    # counts before user states, as in each batch (see UserStateStep.absorb)
+    flush_before_commit(app, [covisit, popularity, users])
+
+    @app.on_partitions_revoked.connect
+    def drop_revoked_writes(sender: Any, /, *args: Any, signal: Any, **__: Any) -> None:
+        """Held writes to partitions this worker gives up are not its to write (see
+        :meth:`WriteBehind.drop`); the tables' changelogs are partitioned as the user updates."""
+        gone = {tp.partition for tp in args[0] if tp.topic == USER_UPDATES.name}
+        dropped = {t.table.name: t.drop(gone) for t in (users, covisit, popularity)}
+        if any(dropped.values()):
+            log.info("held_writes_dropped", partitions=sorted(gone), **dropped)
+
+    return Tables(users=users, covisit=covisit, popularity=popularity)
+
+
+def outdated(app: faust.App, message: Any) -> bool:
+    """Whether ``app``'s consumer fetched ``message`` before its partition's latest seek."""
+    return bool(cast(Any, app.consumer).outdated(message))
+
+
+def local_updates(app: faust.App, step: UserStateStep) -> LocalUpdates:
+    """The ingest agent's path straight to ``step``, told of each rebalance of ``app``."""
+    local = LocalUpdates(step, USER_UPDATES.name)
+
+    @app.on_partitions_revoked.connect
+    def stop_local_updates(sender: Any, /, *_: Any, signal: Any, **__: Any) -> None:
+        local.revoked()
+
+    @app.on_partitions_assigned.connect
+    def start_local_updates(sender: Any, /, *args: Any, signal: Any, **__: Any) -> None:
+        local.assigned(args[0])  # the whole new assignment
+
+    return local
+
+
 def build_topology(settings: Settings, role: Role, services: Services) -> Topology:
     """Declare topics, tables and the agents of ``role`` on a new app."""
     app = create_app(settings, role)
@@ -116,6 +168,9 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
     topo = Topology(app, role, services)
     batch, wait_s = settings.stream.batch_size, settings.stream.batch_wait_ms / 1000
     web = settings.stream.web_port > 0
+
+    # role "all": the ingest agent applies the updates of the users whose partition it holds
+    local: LocalUpdates | None = None
 
     if role in ("all", "ingest"):
         inputs = app.topic(*(s.name for s in INPUT_TOPICS))
@@ -128,6 +183,8 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
                 batch_wait_s=wait_s,
                 scrub=settings.privacy.scrub_pii,
                 partitions=settings.kafka.partitions,
+                local=local,
+                outdated=partial(outdated, app),
             )
 
         topo.agents[INGEST_STEP] = app.agent(inputs, name=INGEST_STEP)(validate_input)
@@ -148,22 +205,7 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
         )(encode_agent)
 
     if role in ("all", "recommend"):
-        table_schema: faust.Schema = faust.Schema(
-            key_type=str, key_serializer="raw", value_serializer="json"
-        )
-
-        def table(name: str, encode: Callable[[Any], Any] | None = None) -> WriteBehind:
-            return WriteBehind(
-                app.Table(name, default=None, schema=table_schema, use_partitioner=True),
-                app.changelog_batches,
-                encode,
-            )
-
-        users = table("user-state", UserState.to_dict)  # holds UserState objects until a commit
-        covisit, popularity = table("covisit"), table("popularity")
-        tables = Tables(users=users, covisit=covisit, popularity=popularity)
-        # counts before user states, as in each batch (see UserStateStep.absorb)
-        flush_before_commit(app, [covisit, popularity, users])
+        tables = user_tables(app)
         user_step = UserStateStep(
             tables=tables,
             recommender=services.recommender(),
@@ -185,6 +227,8 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
                 store.clear()
 
         ranking = ThreadPoolExecutor(1, thread_name_prefix="recommend")
+        if role == "all" and settings.stream.direct_updates:
+            local = local_updates(app, user_step)
 
         async def user_state_agent(stream: Any) -> None:
             await update_user_state(
@@ -196,6 +240,8 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
                 round_size=settings.stream.rank_round,
                 backlog_limit=settings.stream.rank_backlog,
                 max_delay_s=settings.stream.rank_max_delay_ms / 1000,
+                local=local,
+                outdated=partial(outdated, app),
             )
 
         topo.agents[USER_STATE_STEP] = app.agent(topics[USER_UPDATES.name], name=USER_STATE_STEP)(

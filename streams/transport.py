@@ -41,6 +41,13 @@ Three changes to Faust's aiokafka driver, each for a measured or tested reason:
      :data:`REFETCH_AFTER_S`, the consumer seeks back to the committed offsets and reads again:
      at-least-once, and the steps downstream recognise the repeats by event id.
 
+- **Messages from before a rebalance** (found by the two-worker test in
+  ``tests/test_reliability.py``). After a rebalance every partition is read again from its
+  committed offset, but a message fetched before that seek could still reach an agent (queued
+  for its stream during the tables' recovery with the new generation's id, or in an agent's
+  hands), and was applied ahead of the earlier messages read again. :meth:`TunedConsumer.outdated`
+  tells such a message (its partition revoked, an earlier generation, or fetched before its
+  partition's latest seek) and :func:`fresh` leaves it to be read again.
 - **Persistent tables.** Each commit brackets its producer flush for the RocksDB table store
   (``streams/store.py``): the table writes held when it begins are written to disk only after
   the flush has had their changelog records acknowledged, so local state never runs ahead of the
@@ -52,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
@@ -181,6 +189,8 @@ class FencedReadOffsets(defaultdict[TP, int | None]):
         self.epoch = 0  # counts seeks
         self.reading = 0  # the epoch in which the fetch being handed out began
         self._sought: dict[TP, tuple[int, int | None]] = {}  # tp -> (epoch, target) of its seek
+        # the epoch in which each message handed out was fetched (see outdated)
+        self._fetched_in: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     def fence(self, tp: TP, offset: int | None) -> None:
         """Set ``tp``'s position to a seek target; fetches begun before now become stale."""
@@ -198,6 +208,18 @@ class FencedReadOffsets(defaultdict[TP, int | None]):
         sought = self._sought.get(tp)
         return sought is not None and sought[0] > fetched_in
 
+    def handed_out(self, message: Any, fetched_in: int) -> None:
+        """Remember that ``message`` came from a fetch begun in epoch ``fetched_in``."""
+        self._fetched_in[message] = fetched_in
+
+    def outdated(self, message: Any) -> bool:
+        """Whether ``message`` was fetched before its partition's latest seek. Such a message
+        can still reach an agent after the seek (it was queued for its stream while a rebalance
+        recovered the tables, say), although the seek reads it again: taken, it would come
+        before the messages read again from the seek target."""
+        fetched = self._fetched_in.get(message)
+        return fetched is not None and self.stale(message.tp, fetched)
+
     def target(self, tp: TP) -> int | None:
         """Where ``tp`` was last sought to (None: no committed offset, so its beginning)."""
         return self._sought[tp][1]
@@ -205,6 +227,20 @@ class FencedReadOffsets(defaultdict[TP, int | None]):
     def __setitem__(self, tp: TP, offset: int | None) -> None:
         if not self.stale(tp, self.reading):
             super().__setitem__(tp, offset)
+
+
+def fresh(events: list[Any], outdated: Callable[[Any], bool] | None, step: str) -> list[Any]:
+    """``events`` (Faust events) without those whose message is ``outdated``
+    (:meth:`TunedConsumer.outdated`: its partition revoked, or fetched before the current group
+    generation or its partition's latest seek). A rebalance seeks every partition back to its
+    committed offset, so they are read again from there, or by the partition's new owner; taken
+    now, they would come before the events read again, out of order."""
+    if outdated is None:
+        return events
+    kept = [e for e in events if not outdated(e.message)]
+    if len(kept) < len(events):
+        log.info("outdated_events_skipped", step=step, events=len(events) - len(kept))
+    return kept
 
 
 def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type[driver.Transport]:
@@ -219,6 +255,15 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
             self._read_offset = self._positions
             self._missing_since: dict[TP, float] = {}
             self._store_commit = asyncio.Lock()
+            self._owned: set[TP] = set()  # the partitions assigned, until they are revoked
+
+        async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+            self._owned.difference_update(revoked)
+            await super().on_partitions_revoked(revoked)
+
+        async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+            self._owned = set(assigned)
+            await super().on_partitions_assigned(assigned, generation_id)
 
         def _new_consumer_thread(self) -> Any:
             return thread(self, loop=self.loop, beacon=self.beacon)
@@ -240,7 +285,24 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
                         await self._seek_again(tp)
                     continue
                 positions.reading = fetched_in
+                positions.handed_out(message, fetched_in)
                 yield tp, message
+
+        def outdated(self, message: Any) -> bool:
+            """Whether ``message`` is no longer this consumer's to take: its partition has been
+            revoked, it was fetched in an earlier group generation, or before its partition's
+            latest seek (:meth:`FencedReadOffsets.outdated`). Each is read again, by this
+            worker from its committed offset or by the partition's new owner, so an outdated
+            message's acknowledgement does not count towards a commit (:meth:`ack`)."""
+            generation = message.generation_id
+            stale = (
+                message.tp not in self._owned
+                or (generation is not None and generation != self.app.consumer_generation_id)
+                or self._positions.outdated(message)
+            )
+            if stale:
+                message.tracked = False
+            return stale
 
         async def _seek_again(self, tp: TP) -> None:
             target = self._positions.target(tp)
@@ -254,6 +316,7 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
         def ack(self, message: Any) -> bool:
             if message.tracked:  # a stream took it in: processed, or filtered on purpose
                 return bool(super().ack(message))
+            # (an outdated message, left by the agent that took it, is released the same way)
             # Faust's stream acknowledges the messages it skips, untaken, while flow is suspended
             # (a rebalance, shutdown) or after a newer generation began. Release such a message
             # without counting it: its offset is not committed and it is read again.

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -32,9 +33,10 @@ from schemas.events import RecommendationEvent, RecommendedItem, now_ms
 from schemas.internal import EncodeRequest, UserUpdate
 from schemas.serde import encode
 from schemas.topics import ENCODE_REQUESTS, RECOMMENDATIONS
-from streams.observe import count_events, recommended
-from streams.sinks import Output, Sinks, items_changed
+from streams.observe import count_events, count_messages, recommended
+from streams.sinks import Output, Sinks, barriers, items_changed
 from streams.store import WriteBehind
+from streams.transport import fresh
 
 STEP = "update-user-state"
 POPULAR_KEY = "__all__"
@@ -523,20 +525,31 @@ async def update_user_state(
     round_size: int = 256,
     backlog_limit: int = 20_000,
     max_delay_s: float = 0.0,
+    local: LocalUpdates | None = None,
+    outdated: Callable[[Any], bool] | None = None,
 ) -> None:
     """Batch user updates and hand each batch to :class:`UserStateStep`: with an ``executor``,
     the batch goes into the tables at once and its users wait in a :class:`Backlog` ranked on the
-    executor; without one, each batch is ranked inline before the next is taken."""
+    executor; without one, each batch is ranked inline before the next is taken.
+
+    ``local``: the ingest agent's updates applied in this worker, which share the backlog (an
+    ``executor`` is needed) and learn from this agent when their barriers have arrived.
+    ``outdated``: messages that are no longer this worker's to take (a rebalance came between
+    their fetch and now) are left (:func:`streams.transport.fresh`)."""
     backlog = None
     if executor is not None:
         backlog = Backlog(
             step, executor, round_size=round_size, limit=backlog_limit, max_delay_s=max_delay_s
         )
         backlog.start()
+        if local is not None:
+            local.backlog = backlog
     try:
-        async for events in stream.take_events(batch_size, within=batch_wait_s):
-            count_events(STEP, events, per_line=True)
+        async for taken in stream.take_events(batch_size, within=batch_wait_s):
+            count_events(STEP, taken, per_line=True)
+            events = fresh(taken, outdated, STEP)
             parsed = step.sinks.parse(events, UserUpdate, stage=STEP, lines=True)
+            parsed, arrived = _split_barriers(parsed)
             # A message may carry many updates: at most ``batch_size`` of them at a time, so
             # the loop (fetching, commits, the ranking task) runs between. The batch's offsets
             # are acknowledged only after the last of them.
@@ -548,20 +561,123 @@ async def update_user_state(
                     run_or_isolate(step, batch)
                 else:
                     absorb_or_isolate(step, batch, backlog)
-                    backlog.pace(input_age_s(batch, events))
+                    backlog.pace(input_age_s(batch, events[-1].message))
                     await backlog.room()
+            if local is not None:
+                for token, partition in arrived:  # once what was sent before them is applied
+                    local.arrived(token, partition)
     finally:
+        if local is not None:
+            local.backlog = None
         if backlog is not None:
             await backlog.close(DRAIN_S)
 
 
-def input_age_s(batch: list[tuple[UserUpdate, Any]], events: list[Any]) -> float:
+def input_age_s(batch: list[tuple[UserUpdate, Any]], last: Any) -> float:
     """How long ago the broker received the newest behaviour event in ``batch`` (the input
     topic's, before the ingest hop); for a batch without one (embedded reviews, notices, which
-    come through the encoder), how long ago the newest of ``events`` was written."""
+    come through the encoder), how long ago ``last``, the batch's newest message, was written."""
     newest = max((u.received_ms for u, _ in batch if u.kind == "behavior"), default=None)
-    written_s = events[-1].message.timestamp if newest is None else newest / 1000
+    written_s = last.timestamp if newest is None else newest / 1000
     return time.time() - written_s
+
+
+def _split_barriers(
+    parsed: list[tuple[UserUpdate, Any]],
+) -> tuple[list[tuple[UserUpdate, Any]], list[tuple[str, int]]]:
+    """``parsed`` without its barriers (a barrier changes no user), and each barrier's token and
+    partition."""
+    if not any(update.kind == "barrier" for update, _ in parsed):
+        return parsed, []
+    rest, found = [], []
+    for update, origin in parsed:
+        if update.kind == "barrier":
+            found.append((update.event_id, origin.partition))
+        else:
+            rest.append((update, origin))
+    return rest, found
+
+
+class LocalUpdates:
+    """The user updates a worker of role ``all`` applies itself: one broker hop instead of two.
+
+    The ingest agent sends a user's updates through the user-updates topic to whichever worker
+    holds the user's partition of it. When that is this worker, the ingest agent hands them to
+    its own user-state step instead (:meth:`apply`): the same absorb, backlog and ranking as
+    the user-state agent, with the input message as the update's message (a dead letter
+    carries the original event's bytes).
+
+    **Order.** A user's updates must be applied in the order of their events. Updates sent
+    through the topic before this worker held the partition (by the worker that held the input
+    partition before a rebalance, or by this one before it was ready) could otherwise be
+    applied after later events applied here. So on every assignment a ``barrier`` naming it goes
+    to each held partition of the user-updates topic, and the ingest agent waits (:meth:`ready`)
+    until the user-state agent has read this assignment's barrier back on every one: everything
+    sent to them before has been applied by then. A rebalance revokes first, and the workers
+    giving up partitions flush what they sent before the new assignment. Both agents leave the
+    events fetched before a rebalance's seek (:func:`streams.transport.fresh`): every partition
+    is read again from its committed offset once the assignment's tables are recovered.
+
+    **Commits.** The input offsets of updates applied here are committed as the user-state
+    agent's are: after the table writes they made have reached the changelog (the commit flushes
+    the tables first; see :func:`streams.store.flush_before_commit`).
+    """
+
+    def __init__(self, step: UserStateStep, topic: str) -> None:
+        self.step = step
+        self.topic = topic  # the user-updates topic's name
+        self.backlog: Backlog | None = None  # set while the user-state agent runs
+        self.held: frozenset[int] = frozenset()
+        self._token = ""
+        self._awaited: set[int] = set()
+        self._ready = asyncio.Event()
+
+    def assigned(self, assigned: Iterable[Any]) -> None:
+        """A new assignment (every topic partition this worker now holds): send the barriers of
+        its user-updates partitions; until they are all read back, :meth:`ready` waits."""
+        held = frozenset(tp.partition for tp in assigned if tp.topic == self.topic)
+        self.held = held
+        self._token = f"barrier-{uuid.uuid4().hex}"
+        self._awaited = set(held)
+        if not held:
+            self._ready.set()
+            return
+        self._ready.clear()
+        self.step.sinks.send_all(barriers(self._token, held, now_ms()))
+
+    def revoked(self) -> None:
+        """A rebalance has begun: apply nothing here until the next assignment is ready."""
+        self.held = frozenset()
+        self._ready.clear()
+
+    def arrived(self, token: str, partition: int) -> None:
+        """The user-state agent read a barrier on ``partition``."""
+        if token != self._token or partition not in self._awaited:
+            return  # an earlier assignment's, or a repeat
+        self._awaited.discard(partition)
+        if not self._awaited:
+            self._ready.set()
+            log.info("local_updates_ready", step=STEP, partitions=sorted(self.held))
+
+    async def ready(self) -> None:
+        """Return once the current assignment's barriers have all been read back."""
+        if not self._ready.is_set():
+            await self._ready.wait()
+
+    def owns(self, partition: int) -> bool:
+        """Whether an update for ``partition`` of the user-updates topic is applied here."""
+        return self.backlog is not None and self._ready.is_set() and partition in self.held
+
+    async def apply(self, batch: list[tuple[UserUpdate, Any]]) -> None:
+        """Write the updates (each with its input message) to the tables and leave their users
+        waiting for a list, as the user-state agent does with a batch it reads."""
+        backlog = self.backlog
+        if backlog is None:
+            raise RuntimeError("local updates need the user-state agent's backlog")
+        count_messages(STEP, (message for _, message in batch))
+        absorb_or_isolate(self.step, batch, backlog)
+        backlog.pace(input_age_s(batch, batch[-1][1]))
+        await backlog.room()
 
 
 #: Errors that mean "this update cannot be processed", as opposed to infrastructure failures

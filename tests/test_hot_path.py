@@ -13,10 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
+from unittest import mock
 
 import numpy as np
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from faust.types import TP, Message
 from qdrant_client import QdrantClient
 
 from infra.settings import RankingSettings
@@ -40,7 +42,15 @@ from streams.sinks import (
     partition_of,
     user_update_key,
 )
-from streams.user_state import Backlog, Tables, UserStateStep, absorb_or_isolate
+from streams.transport import FencedReadOffsets, fresh
+from streams.user_state import (
+    Backlog,
+    LocalUpdates,
+    Tables,
+    UserStateStep,
+    absorb_or_isolate,
+    update_user_state,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
 
@@ -746,3 +756,164 @@ def test_a_pack_fills_at_its_byte_bound_and_a_bad_record_in_it_is_dead_lettered_
     (letter,) = [json.loads(v) for _, v, _ in letters.sent]
     assert base64.b64decode(letter["payload_b64"]) == b'{"kind": "behavior"}'
     assert (letter["topic"], letter["partition"], letter["offset"]) == (USER_UPDATES.name, 0, 41)
+
+
+def _users_of(partitions: set[int], count: int, of: int = 4) -> list[str]:
+    """``count`` user ids whose updates go to ``partitions`` of an ``of``-partition topic."""
+    found, n = [], 0
+    while len(found) < count:
+        if partition_of(user_update_key(f"u{n}"), of) in partitions:
+            found.append(f"u{n}")
+        n += 1
+    return found
+
+
+def test_ingest_applies_the_updates_of_held_partitions_itself_once_its_barriers_are_back(
+    edge: EdgeVectorStore,
+) -> None:
+    """A worker holding user-update partitions 0 and 2 of 4 sends a barrier to each on its
+    assignment, and its ingest agent waits (nothing applied, nothing sent) until both have been
+    read back; a barrier of another assignment does not count. Then the users of partitions 0
+    and 2 are written to the tables straight from the batch, in event order, and ranked from
+    the backlog (one list each, naming their newest event), while the other users' updates
+    still leave as packs for partitions 1 and 3; a bad input is dead-lettered. After a
+    revocation nothing is applied locally."""
+    step, tables, _ = _backlog_step(edge)
+    updates, letters, lists = _Topic(), _Topic(), _Topic()
+    sinks = Sinks(
+        {USER_UPDATES.name: updates, DEAD_LETTER.name: letters, RECOMMENDATIONS.name: lists}
+    )
+    step.sinks = sinks
+    here, there = _users_of({0, 2}, 4), _users_of({1, 3}, 4)
+    users = [u for pair in zip(here, there, strict=True) for u in pair]
+    events = [
+        {
+            "type": "view",
+            "event_id": f"e{n}",
+            "ts": TS + n,
+            "user_id": users[n % 8],
+            "item_id": f"i{n + 1}",
+        }
+        for n in range(40)
+    ]
+    batch = [_message(json.dumps(e).encode(), n) for n, e in enumerate(events)]
+    batch.insert(7, _message(b"{not json", 99))
+    local = LocalUpdates(step, USER_UPDATES.name)
+
+    async def go() -> None:
+        backlog = Backlog(step, ThreadPoolExecutor(1), round_size=256, limit=100)
+        backlog.start()
+        local.backlog = backlog
+        local.assigned([TP(USER_UPDATES.name, 0), TP(BEHAVIOR.name, 1), TP(USER_UPDATES.name, 2)])
+        assert [(key, p) for key, _, p in updates.sent] == [
+            (b'"__barrier__"', 0),
+            (b'"__barrier__"', 2),
+        ]
+        token = UserUpdate.model_validate_json(updates.sent[0][1]).event_id
+        run = asyncio.ensure_future(
+            ingest(
+                _Batches(batch),
+                sinks=sinks,
+                batch_size=100,
+                batch_wait_s=0.01,
+                partitions=4,
+                local=local,
+            )
+        )
+        for arrival in [("barrier-of-another-assignment", 0), (token, 0), (token, 0)]:
+            local.arrived(*arrival)
+            await asyncio.sleep(0.05)
+            assert not run.done()
+            assert (tables.users, len(updates.sent), letters.sent) == ({}, 2, [])
+        local.arrived(token, 2)
+        await run
+        await backlog.close(10.0)
+
+    asyncio.run(go())
+    for user in here:  # applied here, in order
+        state = tables.state(user)
+        assert [i.item_id for i in state.recent] == [
+            f"i{n + 1}" for n in range(40) if users[n % 8] == user
+        ]
+    assert set(tables.users) == set(here)
+    assert sorted(_lists(lists)) == sorted(
+        (u, f"e{max(n for n in range(40) if users[n % 8] == u)}", mock.ANY) for u in here
+    )
+    packs = updates.sent[2:]
+    assert sorted(p for _, _, p in packs) == [1, 3]
+    sent = [UserUpdate.model_validate_json(line) for _, v, _ in packs for line in v.split(b"\n")]
+    assert sorted(u.event_id for u in sent) == sorted(
+        e["event_id"] for e in events if e["user_id"] in there
+    )
+    assert [json.loads(v)["error_type"] for _, v, _ in letters.sent] == ["bad_json"]
+    local.revoked()
+    assert not any(local.owns(p) for p in range(4))
+
+
+def test_the_user_state_agent_passes_on_a_barrier_after_the_updates_sent_before_it(
+    edge: EdgeVectorStore,
+) -> None:
+    """A batch that carries a pack of updates and then this assignment's barrier: the barrier
+    reaches the local path only once the pack is in the tables, makes no state of its own, and
+    readies the path; the local path is off again once the agent stops."""
+    step, tables, _ = _backlog_step(edge)
+    updates = _Topic()
+    step.sinks = Sinks({USER_UPDATES.name: updates, RECOMMENDATIONS.name: _Topic()})
+    local = LocalUpdates(step, USER_UPDATES.name)
+    local.assigned([TP(USER_UPDATES.name, 0)])
+    user = "u0"
+    pack = b"\n".join(_behaviour(n, user, f"i{n + 1}").model_dump_json().encode() for n in range(3))
+    ((_, barrier, _),) = updates.sent
+    seen: list[int] = []
+    arrived = local.arrived
+
+    def record(token: str, partition: int) -> None:
+        seen.append(len(tables.state(user).recent))
+        arrived(token, partition)
+
+    local.arrived = record  # type: ignore[method-assign]
+    stream = _Batches(
+        [
+            _message(pack, 0, USER_UPDATES.name),
+            _message(barrier, 1, USER_UPDATES.name),
+        ]
+    )
+
+    async def go() -> None:
+        await update_user_state(
+            stream,
+            step=step,
+            batch_size=100,
+            batch_wait_s=0.01,
+            executor=ThreadPoolExecutor(1),
+            local=local,
+        )
+
+    asyncio.run(go())
+    assert seen == [3]
+    assert set(tables.users) == {user}
+    assert local.backlog is None
+    assert not local.owns(0)
+    asyncio.run(asyncio.wait_for(local.ready(), 1.0))
+
+
+def test_events_fetched_before_their_partitions_latest_seek_are_left() -> None:
+    """A message handed out before its partition was sought (a rebalance seeks every partition
+    back to its committed offset) is outdated, and the agents leave it, since the seek reads it
+    again; a message of another partition, one fetched after the seek, and one the consumer
+    never handed out (no record of its fetch) are kept."""
+    positions = FencedReadOffsets()
+    a, b = TP(BEHAVIOR.name, 0), TP(BEHAVIOR.name, 1)
+    early_a, early_b, late_a, unknown = (
+        Message(tp.topic, tp.partition, n, TS / 1e3, 0, [], None, b"{}", None, tp=tp)
+        for n, tp in enumerate([a, b, a, a])
+    )
+    fetched_in = positions.epoch
+    positions.handed_out(early_a, fetched_in)
+    positions.handed_out(early_b, fetched_in)
+    positions.fence(a, 0)  # partition a sought back to offset 0
+    positions.handed_out(late_a, positions.epoch)
+    events = [SimpleNamespace(message=m) for m in (early_a, early_b, late_a, unknown)]
+    kept = fresh(events, positions.outdated, "test")
+    assert [e.message for e in kept] == [early_b, late_a, unknown]
+    assert fresh(events, None, "test") == events

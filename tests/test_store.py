@@ -173,6 +173,11 @@ class _Table:
         assert table is self
         self.changelog.append((key, value))
 
+    def partition(self, table: object, key: str) -> TP:
+        """Key ``u<n>`` is on changelog partition n mod 4."""
+        assert table is self
+        return TP("changelog", int(key[1:]) % 4)
+
 
 def test_write_behind_writes_each_changed_key_once_at_the_flush() -> None:
     """Reads see every write at once, but the table and its changelog get nothing until the
@@ -208,6 +213,22 @@ def test_write_behind_writes_each_changed_key_once_at_the_flush() -> None:
     assert len(table.changelog) == 4
     with pytest.raises(KeyError):
         view["gone"]
+
+
+def test_write_behind_drops_the_held_writes_of_the_partitions_given_up() -> None:
+    """When a rebalance takes changelog partitions 1 and 3 away, the writes held for their keys
+    are forgotten: reads give the last flushed value again, and the next flush writes only the
+    keys of the partitions kept. An empty set drops nothing."""
+    table = _Table({f"u{n}": {"v": 0} for n in range(8)})
+    view = WriteBehind(table, table)
+    for n in range(8):
+        view[f"u{n}"] = {"v": n + 1}
+    assert view.drop(set()) == 0
+    assert view.drop({1, 3}) == 4
+    assert (view.get("u1"), view.get("u2")) == ({"v": 0}, {"v": 3})
+    assert view.pending == 4
+    assert view.flush() == 4
+    assert [key for key, _ in table.changelog] == ["u0", "u2", "u4", "u6"]
 
 
 def test_write_behind_encodes_held_objects_on_their_way_to_the_table() -> None:
