@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 from pydantic import BaseModel, ValidationError
@@ -33,6 +33,34 @@ class Output:
 ITEMS_NOTICE_KEY = "__items__"
 
 
+def _notices(
+    kind: Literal["items_changed", "barrier"],
+    key: str,
+    partitions: Iterable[int],
+    *,
+    event_id: str,
+    ts: int,
+    received_ms: int,
+    item_ids: list[str] | None = None,
+) -> list[Output]:
+    """One user update of ``kind`` that names no user (keyed ``key``) for each of ``partitions``
+    of the user-updates topic, the same record on each."""
+    value = (
+        UserUpdate(
+            event_id=event_id,
+            ts=ts,
+            received_ms=received_ms,
+            kind=kind,
+            user_id=key,
+            event_type=kind,
+            item_ids=item_ids,
+        )
+        .model_dump_json(exclude_none=True)
+        .encode()
+    )
+    return [Output(USER_UPDATES, key, value, p) for p in partitions]
+
+
 def items_changed(
     keys: Iterable[str], *, partitions: int, origin: EncodeRequest | UserUpdate
 ) -> list[Output]:
@@ -42,20 +70,15 @@ def items_changed(
     names = sorted(set(keys))
     if not names:
         return []
-    value = (
-        UserUpdate(
-            event_id=origin.event_id,
-            ts=origin.ts,
-            received_ms=origin.received_ms,
-            kind="items_changed",
-            user_id=ITEMS_NOTICE_KEY,
-            event_type="items_changed",
-            item_ids=names,
-        )
-        .model_dump_json(exclude_none=True)
-        .encode()
+    return _notices(
+        "items_changed",
+        ITEMS_NOTICE_KEY,
+        range(partitions),
+        event_id=origin.event_id,
+        ts=origin.ts,
+        received_ms=origin.received_ms,
+        item_ids=names,
     )
-    return [Output(USER_UPDATES, ITEMS_NOTICE_KEY, value, p) for p in range(partitions)]
 
 
 #: The key of ``barrier`` updates (they name no user; each goes to one chosen partition).
@@ -65,19 +88,9 @@ BARRIER_KEY = "__barrier__"
 def barriers(token: str, partitions: Iterable[int], ts_ms: int) -> list[Output]:
     """A ``barrier`` update named ``token`` for each of ``partitions`` of the user-updates topic
     (see :class:`streams.user_state.LocalUpdates`)."""
-    value = (
-        UserUpdate(
-            event_id=token,
-            ts=ts_ms,
-            received_ms=ts_ms,
-            kind="barrier",
-            user_id=BARRIER_KEY,
-            event_type="barrier",
-        )
-        .model_dump_json(exclude_none=True)
-        .encode()
+    return _notices(
+        "barrier", BARRIER_KEY, sorted(partitions), event_id=token, ts=ts_ms, received_ms=ts_ms
     )
-    return [Output(USER_UPDATES, BARRIER_KEY, value, p) for p in sorted(partitions)]
 
 
 def user_update_key(user_id: str) -> bytes:

@@ -560,9 +560,7 @@ async def update_user_state(
                 if backlog is None:
                     run_or_isolate(step, batch)
                 else:
-                    absorb_or_isolate(step, batch, backlog)
-                    backlog.pace(input_age_s(batch, events[-1].message))
-                    await backlog.room()
+                    await take_in(step, batch, backlog, events[-1].message)
             if local is not None:
                 for token, partition in arrived:  # once what was sent before them is applied
                     local.arrived(token, partition)
@@ -571,6 +569,17 @@ async def update_user_state(
             local.backlog = None
         if backlog is not None:
             await backlog.close(DRAIN_S)
+
+
+async def take_in(
+    step: UserStateStep, batch: list[tuple[UserUpdate, Any]], backlog: Backlog, last: Any
+) -> None:
+    """Write ``batch`` to the tables and leave its users in ``backlog``
+    (:func:`absorb_or_isolate`), tell the backlog how far behind its input is (``last``: the
+    batch's newest message), and wait while the backlog is full."""
+    absorb_or_isolate(step, batch, backlog)
+    backlog.pace(input_age_s(batch, last))
+    await backlog.room()
 
 
 def input_age_s(batch: list[tuple[UserUpdate, Any]], last: Any) -> float:
@@ -675,9 +684,7 @@ class LocalUpdates:
         if backlog is None:
             raise RuntimeError("local updates need the user-state agent's backlog")
         count_messages(STEP, (message for _, message in batch))
-        absorb_or_isolate(self.step, batch, backlog)
-        backlog.pace(input_age_s(batch, batch[-1][1]))
-        await backlog.room()
+        await take_in(self.step, batch, backlog, batch[-1][1])
 
 
 #: Errors that mean "this update cannot be processed", as opposed to infrastructure failures
