@@ -164,6 +164,12 @@ class StreamSettings(BaseModel):
     # through that topic to its own user-state agent (one broker hop instead of two). False
     # sends every update through the topic, as workers of split roles always do.
     direct_updates: bool = True
+    # Garbage collection (streams/heap.py): every ``gc_freeze_s`` seconds the worker collects
+    # what it made since the last time and moves the survivors out of the collector's scans
+    # (0: leave CPython's collector as it is); every ``gc_full_s`` seconds it walks the whole
+    # heap once (0: never after start).
+    gc_freeze_s: float = Field(default=10.0, ge=0, le=86_400)
+    gc_full_s: float = Field(default=3_600.0, ge=0, le=604_800)
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_host: str = "127.0.0.1"
     # The URL other workers use to reach this one's web server (REST requests for users whose

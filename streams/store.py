@@ -83,6 +83,10 @@ class KeyedRocksStore(base.SerializedStore):
     def _del(self, key: bytes) -> None:
         self._held[key] = _DELETED
 
+    def put_encoded(self, key: bytes, value: bytes | None) -> None:
+        """Write a row already encoded as this store encodes it (``value`` None: delete it)."""
+        self._held[key] = _DELETED if value is None else value
+
     def _contains(self, key: bytes) -> bool:
         return self._get(key) is not None
 
@@ -262,16 +266,22 @@ class WriteBehind(MutableMapping[str, Any]):
     A key a busy worker changes in every batch (a popular item's co-visitation counts, an active
     user's state) then costs one changelog record per commit interval instead of one per batch;
     reads see the newest value at once. :func:`flush_before_commit` hooks :meth:`flush` into
-    the commit, before it computes the offsets to commit, with nothing awaited in between: every
-    input those offsets cover has its writes in the changelog records that the commit's producer
-    flush sends, so a crash loses only input whose offsets were not committed, and that input is
-    read again (at-least-once, as with a write per batch).
+    the commit, before it computes the offsets to commit, with nothing awaited in between: the
+    flush sets the held writes aside, so the writes of every input those offsets cover are the
+    ones set aside. The commit's producer flush then writes them, a few hundred keys per turn
+    of the event loop (:meth:`write_aside`, driven by :meth:`ChangelogBatches.send`), and sends
+    their changelog records before the offsets are committed. So a crash loses only input whose
+    offsets were not committed, and that input is read again (at-least-once, as with a write
+    per batch), while a commit no longer holds the event loop for as long as its thousands of
+    writes take. Held values are never changed in place (a write replaces the value), so a
+    value set aside is the one its input produced.
 
     A rebalance does not commit (the app does not wait for its streams to empty), and after one
     every partition is read again from its committed offset. The held writes of keys whose
-    changelog partition the worker gives up are therefore dropped (:meth:`drop`): the input they
-    came from is read again by the partition's new owner, and written at this worker's next
-    commit they would overwrite the state the new owner writes.
+    changelog partition the worker gives up are therefore dropped (:meth:`drop`), set-aside
+    ones not yet written included: the input they came from is read again by the partition's
+    new owner, and written at this worker's next commit they would overwrite the state the new
+    owner writes.
     """
 
     def __init__(
@@ -280,18 +290,28 @@ class WriteBehind(MutableMapping[str, Any]):
         changelog: ChangelogBatches,
         encode: Callable[[Any], Any] | None = None,
     ) -> None:
-        """``changelog``: where the flush puts the table's changelog records. ``encode``: turns
-        a held value into the table's value at the flush (reads of a key changed since the last
-        flush give the held value, others the table's)."""
+        """``changelog``: where the writes go at a commit. ``encode``: turns a held value into
+        the table's value when it is written (reads of a key changed since it was last written
+        give the held value, others the table's)."""
         self.table = table  # the Faust table
         self.changelog = changelog
         self.encode = encode
         self._dirty: dict[str, Any] = {}  # key -> newest value, or _DELETED
+        # set aside by flushes and not yet written, oldest first (a new tuple on every change:
+        # the ranking thread reads it while the event loop writes)
+        self._aside: tuple[dict[str, Any], ...] = ()
+        self._writing: list[tuple[str, Any]] | None = None  # the oldest set-aside writes
+        self._written = 0  # how many of them are in the table
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self._dirty.get(key, _ABSENT)
         if value is _ABSENT:
-            return self.table.get(key, default)
+            for held in reversed(self._aside):
+                value = held.get(key, _ABSENT)
+                if value is not _ABSENT:
+                    break
+            else:
+                return self.table.get(key, default)
         return default if value is _DELETED else value
 
     def __getitem__(self, key: str) -> Any:
@@ -312,25 +332,40 @@ class WriteBehind(MutableMapping[str, Any]):
         return self.get(key, _ABSENT) is not _ABSENT  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[str]:
-        dirty = dict(self._dirty)
+        held: dict[str, Any] = {}
+        for layer in (*self._aside, self._dirty):
+            held.update(layer)
         for key in self.table:
-            if key not in dirty:
+            if key not in held:
                 yield key
-        yield from (key for key, value in dirty.items() if value is not _DELETED)
+        yield from (key for key, value in held.items() if value is not _DELETED)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
     def drop(self, partitions: Collection[int]) -> int:
-        """Forget the held writes of the keys whose changelog partition is one of ``partitions``;
-        return how many."""
-        if not partitions or not self._dirty:
+        """Forget the held writes, set-aside ones not yet written included, of the keys whose
+        changelog partition is one of ``partitions``; return how many."""
+        if not partitions or not (self._dirty or self._aside):
             return 0
         table, changelog = self.table, self.changelog
-        gone = [k for k in self._dirty if changelog.partition(table, k).partition in partitions]
-        for key in gone:
-            del self._dirty[key]
-        return len(gone)
+
+        def given_up(key: str) -> bool:
+            return changelog.partition(table, key).partition in partitions
+
+        dropped = 0
+        for layer in (self._dirty, *self._aside):
+            if self._writing is not None and self._aside and layer is self._aside[0]:
+                rest = self._writing[self._written :]  # the rest of the layer being written
+                keep = [(k, v) for k, v in rest if not given_up(k)]
+                gone = [k for k, _ in rest if given_up(k)]
+                self._writing = self._writing[: self._written] + keep
+            else:
+                gone = [key for key in layer if given_up(key)]
+            for key in gone:
+                del layer[key]
+            dropped += len(gone)
+        return dropped
 
     @property
     def pending(self) -> int:
@@ -338,45 +373,85 @@ class WriteBehind(MutableMapping[str, Any]):
         return len(self._dirty)
 
     def flush(self) -> int:
-        """Write every changed key to the table (store and changelog); return how many.
-
-        The held values are dropped only once all are in the table, so a read on another
-        thread (the ranking's) finds each key in one or the other throughout."""
+        """Set every key changed since the last flush aside for :meth:`write_aside` (and tell
+        the changelog, whose next send writes them); return how many."""
         dirty = self._dirty
-        table, encode, changelog = self.table, self.encode, self.changelog
-        for key, value in dirty.items():
-            if value is _DELETED:
-                changelog.add(table, key, None)
-                with contextlib.suppress(KeyError):  # set and deleted since the last flush
-                    del table.data[key]
-            else:
-                record = value if encode is None else encode(value)
-                changelog.add(table, key, record)
-                table.data[key] = record
-        self._dirty = {}
+        if dirty:
+            self._aside = (*self._aside, dirty)
+            self._dirty = {}
+            self.changelog.hold(self)
         return len(dirty)
+
+    def write_aside(self, limit: int) -> bool:
+        """Write up to ``limit`` set-aside keys to the table (store and changelog), oldest
+        first; True once none is left.
+
+        A layer of set-aside writes stays readable until all of it is in the table, so a read
+        on another thread (the ranking's) finds each key in one or the other throughout."""
+        while self._aside:
+            if self._writing is None:
+                self._writing, self._written = list(self._aside[0].items()), 0
+            end = min(len(self._writing), self._written + limit)
+            for key, value in self._writing[self._written : end]:
+                self._write(key, value)
+            limit -= end - self._written
+            self._written = end
+            if end < len(self._writing):
+                return False
+            self._aside, self._writing, self._written = self._aside[1:], None, 0
+            if limit <= 0:
+                break
+        return not self._aside
+
+    def _write(self, key: str, value: Any) -> None:
+        table = self.table
+        record = None if value is _DELETED else value if self.encode is None else self.encode(value)
+        encoded = self.changelog.add(table, key, record)
+        data = table.data
+        if encoded is not None and isinstance(data, KeyedRocksStore):
+            data.put_encoded(*encoded)  # the changelog's bytes are the store's
+        elif record is None:
+            with contextlib.suppress(KeyError):  # set and deleted since the last flush
+                del data[key]
+        else:
+            data[key] = record
+
+
+#: Set-aside writes written per turn of the event loop by a commit (a few milliseconds' work).
+WRITE_CHUNK = 256
+#: How many keys' changelog partitions are remembered per table before the memory is cleared.
+PLACES_KEPT = 200_000
 
 
 class ChangelogBatches:
-    """The changelog records of :class:`WriteBehind` flushes, sent as record batches, a few per
-    changelog partition, instead of one Faust message each.
+    """The changelog records of :class:`WriteBehind` tables, written at each commit and sent as
+    record batches, a few per changelog partition, instead of one Faust message each.
 
     Faust sends each changelog record through its producer buffer, with a future and a
     ``send`` of its own: about 80 µs a record on the 2-core test machine, and a commit at 500
-    events/s flushes some 4,000 of them, which held the other messages in that buffer (lists,
-    user updates) back for hundreds of milliseconds (``docs/performance.md``). Here
-    :meth:`add` turns a record into bytes as the table's changelog topic does and picks its
-    partition as Faust's producer does; :meth:`send` appends the records to aiokafka record
-    batches, in the order they were added, and records each acknowledged offset with the
-    table's store, as Faust's ``_on_changelog_sent`` does. The commit's producer flush awaits
-    :meth:`send` before the producer's own flush (:class:`streams.transport.TunedApp`), so the
-    offsets a commit writes still follow the records of every write it covers.
+    events/s writes some 4,000 of them, which held the other messages in that buffer (lists,
+    user updates) back for hundreds of milliseconds (``docs/performance.md``). Here :meth:`send`
+    first writes the tables' set-aside writes (:meth:`WriteBehind.write_aside`), a chunk per
+    turn of the event loop; each write's :meth:`add` turns the record into bytes as the table's
+    changelog topic does (the same bytes go to the table's store) and picks its partition as
+    Faust's producer does. Then it appends the records to aiokafka record batches, in the order
+    they were added, and records each acknowledged offset with the table's store, as Faust's
+    ``_on_changelog_sent`` does. The commit's producer flush awaits :meth:`send` before the
+    producer's own flush (:class:`streams.transport.TunedApp`), so the offsets a commit writes
+    still follow the records of every write it covers.
+
+    The stores persist a commit's writes (:meth:`KeyedRocksStore.begin_commit`) once they are
+    all written, before their records are sent: the first send after :meth:`commit_started`
+    marks that point.
     """
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self._records: dict[tuple[Any, TP], list[tuple[bytes, bytes | None]]] = {}
         self._sending: asyncio.Lock | None = None  # one send at a time keeps each key in order
+        self._held: list[WriteBehind] = []  # tables with set-aside writes, in flush order
+        self._places: dict[str, dict[Any, tuple[TP, bytes]]] = {}
+        self._begin = False  # the next send begins the stores' commit
 
     def partition(self, table: Any, key: Any) -> TP:
         """The changelog partition of ``table`` that ``key``'s records go to."""
@@ -384,46 +459,83 @@ class ChangelogBatches:
 
     def _place(self, table: Any, key: Any) -> tuple[TP, bytes]:
         topic = table.changelog_topic
-        raw_key, _ = topic.prepare_key(key, table.key_serializer)
-        return self.app.producer.key_partition(topic.get_topic_name(), raw_key), raw_key
+        name = topic.get_topic_name()
+        places = self._places.setdefault(name, {})
+        place = places.get(key)
+        if place is None:
+            raw_key, _ = topic.prepare_key(key, table.key_serializer)
+            place = (self.app.producer.key_partition(name, raw_key), raw_key)
+            if len(places) >= PLACES_KEPT:
+                places.clear()
+            places[key] = place
+        return place
 
-    def add(self, table: Any, key: Any, value: Any) -> None:
-        """Queue the changelog record of ``key`` (``value`` None: a tombstone)."""
+    def add(self, table: Any, key: Any, value: Any) -> tuple[bytes, bytes | None]:
+        """Queue the changelog record of ``key`` (``value`` None: a tombstone); return its key
+        and value as bytes."""
         tp, raw_key = self._place(table, key)
         raw_value = None
         if value is not None:
             raw_value, _ = table.changelog_topic.prepare_value(value, table.value_serializer)
         self._records.setdefault((table, tp), []).append((raw_key, raw_value))
+        return raw_key, raw_value
+
+    def hold(self, view: WriteBehind) -> None:
+        """``view`` has writes set aside: the next :meth:`send` writes them."""
+        if not any(held is view for held in self._held):  # a mapping's == compares contents
+            self._held.append(view)
+
+    def commit_started(self) -> None:
+        """A commit has set its writes aside: the next send begins the stores' commit."""
+        self._begin = True
+
+    def commit_ended(self) -> None:
+        self._begin = False
 
     async def send(self) -> None:
-        """Hand every queued record to the producer and wait for the broker's acknowledgement."""
+        """Write the set-aside writes, hand every queued record to the producer and wait for
+        the broker's acknowledgement."""
         if self._sending is None:
             self._sending = asyncio.Lock()
         async with self._sending:
+            for view in self._held:
+                while not view.write_aside(WRITE_CHUNK):
+                    await asyncio.sleep(0)
+            self._held = []
+            if self._begin:
+                self._begin = False
+                for store in keyed_stores(self.app):  # the writes this commit may persist
+                    store.begin_commit()
             records, self._records = self._records, {}
-            if not records:
-                return
-            producer = self.app.producer._ensure_producer()  # aiokafka's AIOKafkaProducer
-            sent: list[tuple[Any, TP, int, asyncio.Future[Any]]] = []
-            for (table, tp), rows in records.items():
-                batch, count = producer.create_batch(), 0
-                for key, value in rows:
+            if records:
+                await self._send(records)
+
+    async def _send(self, records: dict[tuple[Any, TP], list[tuple[bytes, bytes | None]]]) -> None:
+        producer = self.app.producer._ensure_producer()  # aiokafka's AIOKafkaProducer
+        sent: list[tuple[Any, TP, int, asyncio.Future[Any]]] = []
+        appended = 0
+        for (table, tp), rows in records.items():
+            batch, count = producer.create_batch(), 0
+            for key, value in rows:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    future = await producer.send_batch(batch, tp.topic, partition=tp.partition)
+                    sent.append((table, tp, count, future))
+                    batch, count = producer.create_batch(), 0
                     if batch.append(key=key, value=value, timestamp=None) is None:
-                        future = await producer.send_batch(batch, tp.topic, partition=tp.partition)
-                        sent.append((table, tp, count, future))
-                        batch, count = producer.create_batch(), 0
-                        if batch.append(key=key, value=value, timestamp=None) is None:
-                            raise ValueError(
-                                f"changelog record of {len(value or b'')} bytes does not fit a "
-                                f"batch of {tp.topic}"
-                            )
-                    count += 1
-                future = await producer.send_batch(batch, tp.topic, partition=tp.partition)
-                sent.append((table, tp, count, future))
-            for table, tp, count, future in sent:
-                meta = await future
-                if meta is not None:  # the base offset of the batch
-                    table.data.set_persisted_offset(tp, meta.offset + count - 1)
+                        raise ValueError(
+                            f"changelog record of {len(value or b'')} bytes does not fit a "
+                            f"batch of {tp.topic}"
+                        )
+                count += 1
+                appended += 1
+                if appended % WRITE_CHUNK == 0:
+                    await asyncio.sleep(0)
+            future = await producer.send_batch(batch, tp.topic, partition=tp.partition)
+            sent.append((table, tp, count, future))
+        for table, tp, count, future in sent:
+            meta = await future
+            if meta is not None:  # the base offset of the batch
+                table.data.set_persisted_offset(tp, meta.offset + count - 1)
 
 
 def flush_before_commit(app: Any, tables: Iterable[WriteBehind]) -> None:

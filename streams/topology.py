@@ -35,6 +35,7 @@ from infra.vectors.cached import CachedStore
 from models.state import UserState
 from schemas.topics import ALL_TOPICS, ENCODE_REQUESTS, INPUT_TOPICS, USER_UPDATES
 from streams.encode import EncodeStep, encode_text
+from streams.heap import HeapKeeper
 from streams.ingest import STEP as INGEST_STEP
 from streams.ingest import ingest
 from streams.observe import serving, watch_consumer
@@ -62,6 +63,7 @@ class Topology:
     services: Services
     agents: dict[str, Any] = field(default_factory=dict)
     tables: Tables | None = None
+    heap: HeapKeeper | None = None  # None: CPython's collector as it is (stream.gc_freeze_s 0)
 
 
 def advertised_url(settings: Settings) -> str:
@@ -143,6 +145,17 @@ def user_tables(app: TunedApp) -> Tables:
 def outdated(app: faust.App, message: Any) -> bool:
     """Whether ``app``'s consumer fetched ``message`` before its partition's latest seek."""
     return bool(cast(Any, app.consumer).outdated(message))
+
+
+def keep_heap(app: faust.App, freeze_s: float, full_s: float) -> HeapKeeper:
+    """A heap keeper whose :meth:`~HeapKeeper.tick` runs on ``app``'s loop every ``freeze_s``."""
+    keeper = HeapKeeper(freeze_s=freeze_s, full_s=full_s)
+
+    @app.timer(freeze_s, name="keep-heap")
+    async def keep() -> None:
+        keeper.tick()
+
+    return keeper
 
 
 def local_updates(app: faust.App, step: UserStateStep) -> LocalUpdates:
@@ -273,4 +286,7 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
     if web:
         register_health(app, user_routes=role in ("all", "recommend"))
     watch_consumer(app)
+
+    if settings.stream.gc_freeze_s > 0:
+        topo.heap = keep_heap(app, settings.stream.gc_freeze_s, settings.stream.gc_full_s)
     return topo

@@ -256,6 +256,12 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
             self._missing_since: dict[TP, float] = {}
             self._store_commit = asyncio.Lock()
             self._owned: set[TP] = set()  # the partitions assigned, until they are revoked
+            # Faust's fetcher also commits itself every ``broker_commit_every`` messages, and
+            # waits for that commit (or for the one under way) before it hands on another
+            # message: with the tables' writes in every commit, that held input back for as long
+            # as a commit took, hundreds of milliseconds at 500 events/s. Commits come from the
+            # commit timer alone (every ``broker_commit_interval``).
+            self._commit_every = None
 
         async def on_partitions_revoked(self, revoked: set[TP]) -> None:
             self._owned.difference_update(revoked)
@@ -339,15 +345,18 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
 
         async def commit(self, *args: Any, **kwargs: Any) -> bool:
             async with self._store_commit:
+                app = cast(TunedApp, self.app)
                 # Nothing is awaited from here until the offsets are chosen: the writes of every
-                # input they cover are in the producer's buffer, flushed before they commit.
-                for flush in cast(TunedApp, self.app).before_commit:
+                # input they cover are set aside, and the commit's producer flush writes them
+                # and sends their changelog records before the offsets are committed.
+                for flush in app.before_commit:
                     flush()
-                stores = keyed_stores(self.app)
-                for store in stores:  # the writes whose changelog the commit's flush sends
-                    store.begin_commit()
-                did_commit = bool(await super().commit(*args, **kwargs))
-                for store in stores:
+                app.changelog_batches.commit_started()
+                try:
+                    did_commit = bool(await super().commit(*args, **kwargs))
+                finally:
+                    app.changelog_batches.commit_ended()
+                for store in keyed_stores(app):
                     if did_commit:  # the flush ran: every record of the snapshot is acked
                         store.finish_commit()
                     else:

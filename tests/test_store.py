@@ -18,6 +18,7 @@ from models.state import UserState
 from schemas.topics import BEHAVIOR, TopicSpec
 from streams.sinks import partition_of
 from streams.store import KeyedRocksStore, WriteBehind, reconcile
+from streams.topology import create_app, user_tables
 
 CHANGELOG = TP("recstream-user-state-changelog", 0)
 
@@ -157,11 +158,13 @@ def test_a_restarted_worker_reads_its_tables_from_disk(settings: Settings, tmp_p
 
 class _Table:
     """The part of a Faust table that :class:`WriteBehind` uses: its store (``data``) and reads;
-    it also stands for the changelog sink, recording the records added, in order."""
+    it also stands for the changelog sink, recording the records added, in order, and the
+    tables that have writes set aside."""
 
     def __init__(self, data: dict[str, object]) -> None:
         self.data = data
         self.changelog: list[tuple[str, object]] = []
+        self.held: list[WriteBehind] = []
 
     def get(self, key: str, default: object = None) -> object:
         return self.data.get(key, default)
@@ -173,17 +176,22 @@ class _Table:
         assert table is self
         self.changelog.append((key, value))
 
+    def hold(self, view: WriteBehind) -> None:
+        self.held.append(view)
+
     def partition(self, table: object, key: str) -> TP:
         """Key ``u<n>`` is on changelog partition n mod 4."""
         assert table is self
         return TP("changelog", int(key[1:]) % 4)
 
 
-def test_write_behind_writes_each_changed_key_once_at_the_flush() -> None:
-    """Reads see every write at once, but the table and its changelog get nothing until the
-    flush, which writes each changed key once with its newest value: a key written in three
-    batches is one changelog record, a delete is a tombstone and removes the stored row, a key
-    set and deleted between flushes is a tombstone too, and a second flush writes nothing."""
+def test_write_behind_writes_each_changed_key_once_after_the_flush() -> None:
+    """Reads see every write at once, but the table and its changelog get nothing until a
+    flush sets the writes aside and the commit writes them: each changed key once with its
+    newest value (a key written in three batches is one changelog record, a delete is a
+    tombstone and removes the stored row, a key set and deleted between flushes is a tombstone
+    too), a few keys per call, oldest first, while reads keep seeing every value; a second
+    flush sets nothing aside."""
     table = _Table({"a": {"x": 1.0}, "gone": {"y": 1.0}})
     view = WriteBehind(table, table)
     for n in range(3):
@@ -198,27 +206,51 @@ def test_write_behind_writes_each_changed_key_once_at_the_flush() -> None:
     assert sorted(view) == ["a", "new"]
     assert len(view) == 2
     assert table.changelog == []
-    assert table.data == {"a": {"x": 1.0}, "gone": {"y": 1.0}}  # untouched before the flush
     assert view.pending == 4
 
     assert view.flush() == 4
-    assert table.changelog == [
-        ("a", {"x": 4.0}),
-        ("new", {"z": 1.0}),
-        ("gone", None),
-        ("brief", None),
-    ]
+    assert (view.pending, table.held) == (0, [view])
+    assert table.changelog == []
+    assert table.data == {"a": {"x": 1.0}, "gone": {"y": 1.0}}  # untouched until written
+    assert (view.get("a"), sorted(view)) == ({"x": 4.0}, ["a", "new"])
+
+    assert view.write_aside(3) is False  # three of the four
+    assert table.changelog == [("a", {"x": 4.0}), ("new", {"z": 1.0}), ("gone", None)]
+    assert table.data == {"a": {"x": 4.0}, "new": {"z": 1.0}}
+    assert view.get("brief", "absent") == "absent"  # its delete is still set aside
+    assert view.write_aside(3) is True
+    assert table.changelog[3:] == [("brief", None)]
     assert table.data == {"a": {"x": 4.0}, "new": {"z": 1.0}}
     assert view.flush() == 0
+    assert view.write_aside(3) is True
     assert len(table.changelog) == 4
     with pytest.raises(KeyError):
         view["gone"]
 
 
+def test_write_behind_writes_layers_set_aside_in_order_and_reads_the_newest() -> None:
+    """Two flushes before a write (a commit that sent nothing) set two layers aside: reads give
+    the newest value of each key (held, then the newer layer, then the older one, then the
+    table), and the write goes oldest layer first, so a key in both ends with its newer value
+    in the table and two changelog records in order."""
+    table = _Table({"u0": {"v": 0}})
+    view = WriteBehind(table, table)
+    view["u0"], view["u1"] = {"v": 1}, {"v": 1}
+    view.flush()
+    view["u0"] = {"v": 2}
+    view.flush()
+    view["u1"] = {"v": 3}
+    assert (view.get("u0"), view.get("u1")) == ({"v": 2}, {"v": 3})
+    assert view.write_aside(100) is True
+    assert table.changelog == [("u0", {"v": 1}), ("u1", {"v": 1}), ("u0", {"v": 2})]
+    assert table.data == {"u0": {"v": 2}, "u1": {"v": 1}}
+    assert view.get("u1") == {"v": 3}  # still held
+
+
 def test_write_behind_drops_the_held_writes_of_the_partitions_given_up() -> None:
     """When a rebalance takes changelog partitions 1 and 3 away, the writes held for their keys
-    are forgotten: reads give the last flushed value again, and the next flush writes only the
-    keys of the partitions kept. An empty set drops nothing."""
+    are forgotten, held or set aside and not yet written: reads give the last written value
+    again, and only the keys of the partitions kept are written. An empty set drops nothing."""
     table = _Table({f"u{n}": {"v": 0} for n in range(8)})
     view = WriteBehind(table, table)
     for n in range(8):
@@ -228,22 +260,60 @@ def test_write_behind_drops_the_held_writes_of_the_partitions_given_up() -> None
     assert (view.get("u1"), view.get("u2")) == ({"v": 0}, {"v": 3})
     assert view.pending == 4
     assert view.flush() == 4
+    assert view.write_aside(100) is True
     assert [key for key, _ in table.changelog] == ["u0", "u2", "u4", "u6"]
+
+    for n in range(8):  # now set aside and half written when the rebalance comes
+        view[f"u{n}"] = {"v": 10 + n}
+    view.flush()
+    assert view.write_aside(4) is False  # u0 to u3
+    assert view.drop({1, 3}) == 2  # u5 and u7; u1 and u3 are written already
+    assert (view.get("u5"), view.get("u6")) == ({"v": 0}, {"v": 16})
+    assert view.write_aside(100) is True
+    assert [key for key, _ in table.changelog[4:]] == ["u0", "u1", "u2", "u3", "u4", "u6"]
 
 
 def test_write_behind_encodes_held_objects_on_their_way_to_the_table() -> None:
     """The user-state table holds UserState objects between commits: reads give the held
-    object, the flush writes its record (to the store and the changelog alike), and once
-    flushed a read gives the record back."""
+    object, also once it is set aside, the write puts its record in the store and the
+    changelog alike, and once written a read gives the record back."""
     table = _Table({})
     view = WriteBehind(table, table, UserState.to_dict)
     state = UserState(events=3, last_ts=7, last_event_id="e3")
     view["u1"] = state
     assert view.get("u1") is state
     assert view.flush() == 1
+    assert view.get("u1") is state
+    assert view.write_aside(10) is True
     assert table.changelog == [("u1", state.to_dict())]
     assert table.data == {"u1": {"i": [], "k": "", "t": [], "n": 3, "l": 7, "e": "e3"}}
     assert UserState.from_dict(view["u1"]) == state
+
+
+def test_changelog_record_bytes_are_the_bytes_the_store_keeps(tmp_path: Path) -> None:
+    """A write puts its changelog record's key and value bytes into the RocksDB store as they
+    are, so they must be the bytes the store would encode itself, for each table of the worker
+    (string keys, JSON values): a user state, co-visitation counts and a tombstone."""
+    settings = Settings(data_dir=tmp_path)
+    app = create_app(settings, "all")
+    tables = user_tables(app)
+    state = UserState(events=3, last_ts=7, last_event_id="e3")
+    for view, key, value in (
+        (tables.users, "u1", state.to_dict()),
+        (tables.covisit, "i1", {"i2": 2.0, "i9": 1.0}),
+    ):
+        assert isinstance(view, WriteBehind)
+        table = view.table
+        store = table.data
+        assert isinstance(store, KeyedRocksStore)
+        raw_key, _ = table.changelog_topic.prepare_key(key, table.key_serializer)
+        raw_value, _ = table.changelog_topic.prepare_value(value, table.value_serializer)
+        assert raw_key == store._encode_key(key)
+        assert raw_value == store._encode_value(value)
+        store.put_encoded(raw_key, raw_value)
+        assert store[key] == value
+        store.put_encoded(raw_key, None)
+        assert key not in store
 
 
 @pytest.mark.stack
