@@ -419,8 +419,9 @@ class WriteBehind(MutableMapping[str, Any]):
 
 #: Set-aside writes written per turn of the event loop by a commit (a few milliseconds' work).
 WRITE_CHUNK = 256
-#: How many keys' changelog partitions are remembered per table before the memory is cleared.
-PLACES_KEPT = 200_000
+#: How many keys' changelog partitions are remembered per table before the memory is cleared
+#: (about 200 bytes a key).
+PLACES_KEPT = 50_000
 
 
 class ChangelogBatches:
@@ -451,6 +452,7 @@ class ChangelogBatches:
         self._sending: asyncio.Lock | None = None  # one send at a time keeps each key in order
         self._held: list[WriteBehind] = []  # tables with set-aside writes, in flush order
         self._places: dict[str, dict[Any, tuple[TP, bytes]]] = {}
+        self._tps: dict[TP, TP] = {}
         self._begin = False  # the next send begins the stores' commit
 
     def partition(self, table: Any, key: Any) -> TP:
@@ -464,7 +466,8 @@ class ChangelogBatches:
         place = places.get(key)
         if place is None:
             raw_key, _ = topic.prepare_key(key, table.key_serializer)
-            place = (self.app.producer.key_partition(name, raw_key), raw_key)
+            tp = self.app.producer.key_partition(name, raw_key)
+            place = (self._tps.setdefault(tp, tp), raw_key)  # one TP object per partition
             if len(places) >= PLACES_KEPT:
                 places.clear()
             places[key] = place
