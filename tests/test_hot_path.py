@@ -21,7 +21,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP, Message
 from qdrant_client import QdrantClient
 
-from infra.settings import RankingSettings
+from infra.settings import RankingSettings, Settings
 from infra.vectors import Filter, VectorPoint, VectorStore
 from infra.vectors.cached import CachedStore
 from infra.vectors.edge import EdgeVectorStore
@@ -42,7 +42,8 @@ from streams.sinks import (
     partition_of,
     user_update_key,
 )
-from streams.transport import FencedReadOffsets, fresh
+from streams.topology import create_app
+from streams.transport import REFETCH_AFTER_S, ReadOffsets, SeekLedger, fresh
 from streams.user_state import (
     Backlog,
     LocalUpdates,
@@ -897,23 +898,110 @@ def test_the_user_state_agent_passes_on_a_barrier_after_the_updates_sent_before_
     asyncio.run(asyncio.wait_for(local.ready(), 1.0))
 
 
-def test_events_fetched_before_their_partitions_latest_seek_are_left() -> None:
-    """A message handed out before its partition was sought (a rebalance seeks every partition
-    back to its committed offset) is outdated, and the agents leave it, since the seek reads it
-    again; a message of another partition, one fetched after the seek, and one the consumer
-    never handed out (no record of its fetch) are kept."""
-    positions = FencedReadOffsets()
+def test_records_drained_before_their_partitions_latest_seek_are_left() -> None:
+    """A record stamped, as it was drained, with its partition's seek count is stale once the
+    partition is sought again (the seek reads it again), and the agents leave it; a record of
+    another partition, one drained after the seek, and a message with no stamp are kept."""
+    ledger = SeekLedger()
     a, b = TP(BEHAVIOR.name, 0), TP(BEHAVIOR.name, 1)
     early_a, early_b, late_a, unknown = (
         Message(tp.topic, tp.partition, n, TS / 1e3, 0, [], None, b"{}", None, tp=tp)
         for n, tp in enumerate([a, b, a, a])
     )
-    fetched_in = positions.epoch
-    positions.handed_out(early_a, fetched_in)
-    positions.handed_out(early_b, fetched_in)
-    positions.fence(a, 0)  # partition a sought back to offset 0
-    positions.handed_out(late_a, positions.epoch)
+    stamps = {early_a: ledger.count(a), early_b: ledger.count(b)}  # drained in one batch
+    ledger.moved(a, 0)  # partition a sought back to offset 0
+    stamps[late_a] = ledger.count(a)  # drained after the seek
+    assert stamps == {early_a: 0, early_b: 0, late_a: 1}
     events = [SimpleNamespace(message=m) for m in (early_a, early_b, late_a, unknown)]
-    kept = fresh(events, positions.outdated, "test")
+
+    def outdated(message: Message) -> bool:
+        stamp = stamps.get(message)
+        return stamp is not None and ledger.stale(message.tp, stamp)
+
+    kept = fresh(events, outdated, "test")
     assert [e.message for e in kept] == [early_b, late_a, unknown]
     assert fresh(events, None, "test") == events
+
+
+def test_a_seek_sets_the_read_position_before_the_first_record_drained_after_it() -> None:
+    """The read position kept per partition is set to a seek's target before the first record
+    drained after that seek goes out, even while Faust's own store of the target has not come
+    yet (it comes once the seek has returned to the app's loop), and a record drained before
+    the seek cannot move it when the fetcher stores its offset after the seek. Faust's check
+    against it (records below it dropped as already read) stays on for changelogs only; an
+    input topic's records are judged by their seek counts."""
+    ledger = SeekLedger()
+    for topic in ("recstream-user-state-changelog", BEHAVIOR.name):
+        tp = TP(topic, 0)
+        offsets = ReadOffsets(ledger)
+        offsets.handing_out(tp, ledger.count(tp))
+        offsets[tp] = 180  # the fetcher handed out offsets up to 180
+        # a seek back to the committed offset 117 moves the position on the consumer thread,
+        # and records from 117 on are drained at once
+        ledger.moved(tp, 117)
+        offsets.handing_out(tp, ledger.count(tp))
+        assert offsets.get(tp) == 117  # 117 itself passes Faust's check (offset >= position)
+        offsets[tp] = 117
+        offsets[tp] = 118
+        assert offsets.get(tp) == 118
+        offsets.handing_out(tp, ledger.count(tp))  # the target is set once per seek
+        assert offsets.get(tp) == 118
+        # a record drained before a further seek is in the fetcher's hands as the seek lands:
+        # its offset is not stored, so the records read again from the target are not dropped
+        offsets.handing_out(tp, ledger.count(tp))  # record 119 goes out
+        ledger.moved(tp, 117)
+        offsets[tp] = 119
+        assert offsets.get(tp) == 118
+        offsets[tp] = 117  # Faust's own store of the target, once the seek has returned
+        assert offsets.get(tp) == 117
+        assert offsets[tp] == (117 if topic.endswith("-changelog") else None)
+    assert ledger.latest(TP(BEHAVIOR.name, 0)) == (2, 117)
+    assert ledger.latest(TP(BEHAVIOR.name, 1)) == (0, None)
+
+
+def test_a_message_handed_out_before_a_rebalance_cannot_set_the_read_position() -> None:
+    """Faust clears a revoked partition's read position; the message still in the fetcher's
+    hands when the rebalance began stores its offset afterwards, and that store is left, so
+    after the new assignment the records read again from the committed offset are not dropped
+    as already read. The next message handed out stores its offset as usual."""
+    ledger = SeekLedger()
+    tp = TP("recstream-user-state-changelog", 1)
+    offsets = ReadOffsets(ledger)
+    offsets.handing_out(tp, ledger.count(tp))
+    offsets[tp] = 339
+    offsets.handing_out(tp, ledger.count(tp))  # record 340 goes out; its stream's queue is full
+    offsets.revoked()
+    offsets.pop(tp, None)  # Faust's on_partitions_revoked
+    offsets[tp] = 340  # the fetcher, once the queue took record 340
+    assert offsets[tp] is None
+    offsets.handing_out(tp, ledger.count(tp))  # after the assignment: from the committed 318
+    offsets[tp] = 318
+    assert offsets[tp] == 318
+
+
+def test_an_input_partition_stalled_past_its_commit_is_read_again(tmp_path: Path) -> None:
+    """The worker's consumer reads an input partition again from its committed offset once it
+    has had records past that offset for REFETCH_AFTER_S with none of them in an agent's hands
+    and none acknowledged (they went missing before an agent took them); a partition with a
+    message in hand, one read to its end, a changelog, and any partition during a rebalance
+    are left alone, and an acknowledgement starts the wait again. (The broker's end offsets
+    are given, as the consumer is not started.)"""
+    app = create_app(Settings(data_dir=tmp_path), "all")
+    consumer = app.consumer
+    quiet, busy, done = (TP(BEHAVIOR.name, n) for n in range(3))
+    changelog = TP("recstream-user-state-changelog", 0)
+    consumer._owned = {quiet, busy, done, changelog}
+    consumer._committed_offset.update({quiet: 117, busy: 50, done: 80, changelog: 3})
+    ends = {quiet: 181, busy: 90, done: 80, changelog: 9}
+    consumer.highwater = ends.__getitem__
+    in_hand = Message(busy.topic, busy.partition, 50, TS / 1e3, 0, [], None, b"{}", None, tp=busy)
+    consumer._unacked_messages.add(in_hand)
+    start = 1000.0
+    assert consumer._stalled(start) == []  # the wait starts
+    assert consumer._stalled(start + REFETCH_AFTER_S - 1) == []
+    assert consumer._stalled(start + REFETCH_AFTER_S) == [quiet]
+    consumer._acked_at[quiet] = start + REFETCH_AFTER_S  # an acknowledgement
+    assert consumer._stalled(start + REFETCH_AFTER_S + 1) == []
+    assert consumer._stalled(start + 2 * REFETCH_AFTER_S) == [quiet]
+    app.rebalancing = True
+    assert consumer._stalled(start + 3 * REFETCH_AFTER_S) == []
