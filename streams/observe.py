@@ -14,6 +14,7 @@ from typing import Any
 from faust.exceptions import ConsumerNotStarted
 
 from infra.metrics import REGISTRY, SIZE_BUCKETS, Registry
+from streams.transport import is_input
 
 EVENTS = "recstream_events_total"  # counter {topic, agent}: messages an agent took in
 LAG = "recstream_consumer_lag"  # gauge {topic, partition}: messages behind the end
@@ -83,7 +84,7 @@ def watch_consumer(app: Any, registry: Registry = REGISTRY) -> None:
         except ConsumerNotStarted:  # nothing assigned yet: nothing to report
             return
         for tp in assigned:
-            if tp.topic.endswith("-changelog") or "__assignor" in tp.topic:
+            if not is_input(tp):
                 continue
             end = consumer.highwater(tp)
             if end is None:

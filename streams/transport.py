@@ -243,6 +243,11 @@ def changelog_ends(kafka: KafkaSettings, tps: list[TP]) -> dict[TP, int]:
     return read_true_ends(kafka, reported)
 
 
+def is_input(tp: Any) -> bool:
+    """Whether ``tp`` is an input partition, not a table's changelog or Faust's assignor topic."""
+    return not tp.topic.endswith("-changelog") and "__assignor" not in tp.topic
+
+
 class SeekLedger:
     """How many times each partition has been sought, and where to, counted on the consumer's
     thread.
@@ -267,7 +272,7 @@ class SeekLedger:
         self._sought[tp] = (self.count(tp) + 1, target)
 
     def count(self, tp: TP) -> int:
-        return self._sought.get(tp, (0, None))[0]
+        return self.latest(tp)[0]
 
     def stale(self, tp: TP, stamp: int) -> bool:
         """Whether a record of ``tp`` drained at seek count ``stamp`` predates its latest seek."""
@@ -319,7 +324,7 @@ class ReadOffsets(defaultdict[TP, int | None]):
         # records drained before their partition's latest seek; a record is not drained twice
         # otherwise), so nothing is dropped here: a position left too high by any route can
         # no longer hide the records read again. Changelogs keep Faust's check.
-        if not tp.topic.endswith("-changelog"):
+        if is_input(tp):
             return None
         return super().__getitem__(tp)
 
@@ -515,7 +520,7 @@ def _transport_class(fetch_max_wait_ms: int, end_probe: EndProbe | None) -> type
             in_hand = {message.tp for message in list(self._unacked_messages)}
             stalled = []
             for tp in self._owned:
-                if tp.topic.endswith("-changelog") or "__assignor" in tp.topic:
+                if not is_input(tp):
                     continue
                 committed = self._committed_offset.get(tp)
                 try:
