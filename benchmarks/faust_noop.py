@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
     app = TunedApp(
         f"bench-noop-{os.getpid()}",
         fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
+        direct_hand_over=False,  # Faust's own hand-over per message: its ceiling
         **faust_broker_options(settings.kafka),
         store="memory://",
         autodiscover=False,

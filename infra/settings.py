@@ -164,6 +164,12 @@ class StreamSettings(BaseModel):
     # through that topic to its own user-state agent (one broker hop instead of two). False
     # sends every update through the topic, as workers of split roles always do.
     direct_updates: bool = True
+    # The consumer hands a fetched message to its stream in place when the stream's queue has
+    # room, instead of through Faust's four tasks per message (streams/transport.py,
+    # TunedConsumer._drain_messages). Off by default: at 500 events/s it lowered p99 (99.5 to
+    # 149.2 ms against 174.8 to 182.1), but under ``e2e.py --max`` the worker then waited on its
+    # fetches and sustained throughput fell by 9 to 23 % (docs/performance.md).
+    direct_hand_over: bool = False
     # Garbage collection (streams/heap.py): every ``gc_freeze_s`` seconds the worker collects
     # what it made since the last time and moves the survivors out of the collector's scans
     # (0: leave CPython's collector as it is); every ``gc_full_s`` seconds it walks the whole

@@ -117,14 +117,15 @@ def mmr_order(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float) ->
     rel = np.asarray(relevance, dtype=np.float64)
     spread = float(rel.max() - rel.min())  # relevance on [0, 1], so lambda means the same for
     rel = (rel - rel.min()) / spread if spread > 0 else np.ones_like(rel)  # any score scale
-    value = lam * rel  # the first pick has no penalty
+    gain, cost = lam * rel, 1.0 - lam
+    value = gain.copy()  # the first pick has no penalty
     nearest = np.full(len(rel), -np.inf)
     chosen: list[int] = []
     for _ in range(min(k, len(rel))):
         best = int(np.argmax(value))
         chosen.append(best)
         np.maximum(nearest, vectors @ vectors[best], out=nearest)
-        value = lam * rel - (1.0 - lam) * nearest
+        np.subtract(gain, cost * nearest, out=value)
         value[chosen] = -np.inf
     return chosen
 
@@ -173,18 +174,23 @@ def explain_all(
     mat = np.stack([p.vector for p in picked])
     hist = [h for h in kinds if h in items]
     hist_sims = mat @ np.stack([items[h].vector for h in hist]).T if hist else None
-    nearest = hist_sims.argmax(axis=1).tolist() if hist_sims is not None else []
+    closest: list[float] = []
+    named: list[str] = []  # the closest history item; of equals, the greatest id
+    if hist_sims is not None:
+        peak = hist_sims.max(axis=1, keepdims=True)
+        by_id = np.empty(len(hist), np.intp)
+        by_id[sorted(range(len(hist)), key=hist.__getitem__)] = np.arange(len(hist))
+        tied_best = np.where(hist_sims == peak, by_id, -1).argmax(axis=1)
+        closest, named = peak[:, 0].tolist(), [hist[j] for j in tied_best.tolist()]
     refs = [r for r in inp.reviews if r.key in review_vectors]
     rev_sims = (mat @ np.stack([review_vectors[r.key] for r in refs]).T).tolist() if refs else None
     out = []
     for n, item in enumerate(picked):
         found: list[tuple[float, str, str]] = []
-        if hist_sims is not None:
-            row = hist_sims[n]
-            sim = float(row[nearest[n]])  # the closest history item; of equals, the greatest id
-            h = max(hist[j] for j in np.flatnonzero(row == row[nearest[n]]).tolist())
+        if named:
+            h = named[n]
             verb = VERBS.get(kinds[h], "viewed")
-            found.append((sim, "history", f"because you {verb} {_quote(items[h].title)}"))
+            found.append((closest[n], "history", f"because you {verb} {_quote(items[h].title)}"))
         if rev_sims is not None:
             for ref, sim in zip(refs, rev_sims[n], strict=True):
                 about = items[ref.item_id].title if ref.item_id in items else ref.item_id

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -403,8 +404,8 @@ def _rows_of(view: ResidentView, values: Mapping[str, float]) -> tuple[np.ndarra
     """The matrix rows of the held keys among ``values``, and their values, in the same order."""
     if not values:
         return np.zeros(0, np.intp), np.zeros(0)
-    get = view.rows.get
-    rows = np.fromiter((get(key, -1) for key in values), dtype=np.intp, count=len(values))
+    # map over the dict's own get: no Python frame per key (a generator costs one each)
+    rows = np.fromiter(map(view.rows.get, values, repeat(-1)), dtype=np.intp, count=len(values))
     found = np.fromiter(values.values(), dtype=np.float64, count=len(values))
     held = rows >= 0
     return rows[held], found[held]

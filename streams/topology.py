@@ -93,6 +93,7 @@ def create_app(settings: Settings, role: Role) -> TunedApp:
         f"{stream.app_id}-{role}" if role != "all" else stream.app_id,
         fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
         end_probe=partial(read_true_ends, settings.kafka),
+        direct_hand_over=stream.direct_hand_over,
         **faust_broker_options(settings.kafka),
         store=f"{STORE_SCHEME}://" if stream.table_store == "rocksdb" else "memory://",
         autodiscover=False,
@@ -145,6 +146,11 @@ def user_tables(app: TunedApp) -> Tables:
 def outdated(app: faust.App, message: Any) -> bool:
     """Whether ``app``'s consumer fetched ``message`` before its partition's latest seek."""
     return bool(cast(Any, app.consumer).outdated(message))
+
+
+def lagging(app: faust.App) -> bool:
+    """Whether ``app``'s consumer has input records past those it has handed out."""
+    return bool(cast(Any, app.consumer).lagging())
 
 
 def keep_heap(app: faust.App, freeze_s: float, full_s: float) -> HeapKeeper:
@@ -255,6 +261,7 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
                 max_delay_s=settings.stream.rank_max_delay_ms / 1000,
                 local=local,
                 outdated=partial(outdated, app),
+                lagging=partial(lagging, app),
             )
 
         topo.agents[USER_STATE_STEP] = app.agent(topics[USER_UPDATES.name], name=USER_STATE_STEP)(

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import inspect
 import json
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import Any, Literal
 from unittest import mock
 
 import numpy as np
@@ -564,16 +565,46 @@ def test_a_user_whose_ranking_fails_is_dead_lettered_and_the_round_goes_on(
         asyncio.run(infra())
 
 
+def _old_batch(b: int) -> list[SimpleNamespace]:
+    """Batch ``b`` of four behaviour updates of users u0 and u1 (events b{4b} to b{4b+3}), as
+    events whose messages were written 10 s ago: an agent taking them is behind."""
+    updates = [_behaviour(b * 4 + n, f"u{n % 2}", f"i{b * 4 + n + 1}") for n in range(4)]
+    return [
+        SimpleNamespace(
+            message=SimpleNamespace(
+                value=u.model_dump_json().encode(),
+                timestamp=time.time() - 10.0,
+                topic=USER_UPDATES.name,
+                partition=0,
+                offset=b * 4 + n,
+            )
+        )
+        for n, u in enumerate(updates)
+    ]
+
+
+def _run_deferring(stream: object, step: UserStateStep, **extra: Any) -> None:
+    """The user-state agent over ``stream``, ranking on its own thread with a 600 s deferral
+    while behind."""
+    asyncio.run(
+        update_user_state(
+            stream,
+            step=step,
+            batch_size=500,
+            batch_wait_s=0.005,
+            executor=ThreadPoolExecutor(1),
+            max_delay_s=600.0,
+            **extra,
+        )
+    )
+
+
 def test_a_behind_agent_defers_ranking_and_a_stop_ranks_everyone_waiting(
     edge: EdgeVectorStore,
 ) -> None:
     """The agent fed updates written 10 s ago is behind: with a long deferral it absorbs batch
     after batch and sends no list while its input lasts; when its stream ends (Faust ends an
     agent's stream to stop it), every waiting user gets one list naming their newest event."""
-    from types import SimpleNamespace
-
-    from streams.user_state import update_user_state
-
     step, tables, topic = _backlog_step(edge)
     seen_before_end: list[int] = []
 
@@ -581,37 +612,39 @@ def test_a_behind_agent_defers_ranking_and_a_stop_ranks_everyone_waiting(
         async def take_events(self, batch_size: int, within: float):  # type: ignore[no-untyped-def]
             for b in range(3):
                 seen_before_end.append(len(_lists(topic)))
-                updates = [
-                    _behaviour(b * 4 + n, f"u{n % 2}", f"i{b * 4 + n + 1}") for n in range(4)
-                ]
-                yield [
-                    SimpleNamespace(
-                        message=SimpleNamespace(
-                            value=u.model_dump_json().encode(),
-                            timestamp=time.time() - 10.0,
-                            topic=USER_UPDATES.name,
-                            partition=0,
-                            offset=b * 4 + n,
-                        )
-                    )
-                    for n, u in enumerate(updates)
-                ]
+                yield _old_batch(b)
                 await asyncio.sleep(0.05)  # time for a ranking round, were one due
             seen_before_end.append(len(_lists(topic)))
 
-    asyncio.run(
-        update_user_state(
-            Stream(),
-            step=step,
-            batch_size=500,
-            batch_wait_s=0.005,
-            executor=ThreadPoolExecutor(1),
-            max_delay_s=600.0,
-        )
-    )
+    _run_deferring(Stream(), step)
     assert seen_before_end == [0, 0, 0, 0]
     assert [(u, t) for u, t, _ in _lists(topic)] == [("u0", "b10"), ("u1", "b11")]
     assert UserState.from_dict(tables.users["u0"]).events == 6
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_a_behind_agent_that_idles_waits_to_rank_while_its_input_has_records_left(
+    edge: EdgeVectorStore, left: bool
+) -> None:
+    """A behind agent that takes no batch for longer than IDLE_S has caught up, and its waiting
+    users are ranked, unless its input still has records it has not taken (a slow fetch): then
+    ranking keeps waiting for the deferral, and the users get their lists when the stream
+    ends, each naming their newest event."""
+    from streams.user_state import IDLE_S
+
+    step, _, topic = _backlog_step(edge)
+    after_idle: list[int] = []
+
+    class Stream:
+        async def take_events(self, batch_size: int, within: float):  # type: ignore[no-untyped-def]
+            for b in range(2):
+                yield _old_batch(b)
+                await asyncio.sleep(IDLE_S * 4)  # no batch: idle, with records left or not
+                after_idle.append(len(_lists(topic)))
+
+    _run_deferring(Stream(), step, lagging=lambda: left)
+    assert after_idle == ([0, 0] if left else [2, 4])
+    assert [(u, t) for u, t, _ in _lists(topic)][-2:] == [("u0", "b6"), ("u1", "b7")]
 
 
 def test_the_worker_producer_lingers_as_configured(tmp_path: Path) -> None:
@@ -1005,3 +1038,69 @@ def test_an_input_partition_stalled_past_its_commit_is_read_again(tmp_path: Path
     assert consumer._stalled(start + 2 * REFETCH_AFTER_S) == [quiet]
     app.rebalancing = True
     assert consumer._stalled(start + 3 * REFETCH_AFTER_S) == []
+
+
+def test_a_message_is_handed_over_in_place_unless_it_must_wait(tmp_path: Path) -> None:
+    """With ``stream.direct_hand_over`` (off by default) the worker's fetch loop hands a
+    message over without a task when Faust's delivery finishes in its first step; a delivery
+    that must wait (its stream's queue full) goes on in Faust's ``wait_first``, from where it
+    stopped, and ends when room is made, or is cancelled when flow is suspended (a rebalance),
+    as Faust's own hand-over is; while flow is suspended nothing is stepped in place."""
+    assert create_app(Settings(data_dir=tmp_path), "all").consumer.direct_hand_over is False
+    tuned = Settings(data_dir=tmp_path / "tuned", stream={"direct_hand_over": True})
+    app = create_app(tuned, "all")
+    consumer = app.consumer
+    assert consumer.direct_hand_over is True  # the setting turns the in-place loop on
+    delivered: list[int] = []
+    cancelled: list[int] = []
+
+    async def at_once(n: int) -> None:
+        delivered.append(n)
+
+    async def into(queue: asyncio.Queue[object], n: int) -> None:
+        try:
+            await queue.put(n)
+        except asyncio.CancelledError:
+            cancelled.append(n)
+            raise
+        delivered.append(n)
+
+    async def scenario() -> None:
+        with mock.patch.object(consumer, "wait_first", side_effect=AssertionError("a task")):
+            await consumer._hand_over(at_once(1))
+        assert delivered == [1]
+
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+        queue.put_nowait("full")
+        waiting = asyncio.ensure_future(consumer._hand_over(into(queue, 2)))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        assert delivered == [1]
+        assert queue.get_nowait() == "full"  # room
+        await asyncio.wait_for(waiting, 5)
+        assert delivered == [1, 2]
+        assert queue.get_nowait() == 2
+
+        queue.put_nowait("full")
+        stuck = asyncio.ensure_future(consumer._hand_over(into(queue, 3)))
+        await asyncio.sleep(0.05)
+        consumer.suspend_flow.set()
+        await asyncio.wait_for(stuck, 5)
+        await asyncio.sleep(0)
+        assert cancelled == [3]
+        assert delivered == [1, 2]
+        assert queue.qsize() == 1
+
+        handed: list[object] = []
+
+        def unstarted(*coros: Any) -> None:
+            handed.extend(inspect.getcoroutinestate(c) for c in coros)
+            for c in coros:
+                c.close()
+
+        with mock.patch.object(consumer, "wait_first", side_effect=unstarted):
+            await consumer._hand_over(at_once(4))
+        assert handed == ["CORO_CREATED", "CORO_CREATED"]  # to wait_first, neither stepped
+        assert delivered == [1, 2]
+
+    consumer.loop.run_until_complete(scenario())  # the loop Faust's events were made for
