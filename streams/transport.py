@@ -613,9 +613,7 @@ def _transport_class(
                 partitions={f"{tp.topic}:{tp.partition}": self._committed_offset[tp] for tp in tps},
             )
             for tp in tps:
-                committed = self._committed_offset[tp]
-                if committed is not None:
-                    await self.seek(tp, committed)
+                await self.seek(tp, cast(int, self._committed_offset[tp]))
 
         def lagging(self) -> bool:
             """Whether an input partition held here has records past those handed out, as
@@ -626,13 +624,18 @@ def _transport_class(
                     continue
                 read = cast(ReadOffsets, self._read_offset).position(tp)
                 start = read + 1 if read is not None else self._committed_offset.get(tp)
-                try:
-                    end = self.highwater(tp)
-                except (IllegalStateError, AssertionError):  # not assigned (aiokafka asserts)
-                    continue
+                end = self._end(tp)
                 if start is not None and end is not None and end > start:
                     return True
             return False
+
+        def _end(self, tp: TP) -> int | None:
+            """``tp``'s end offset as of the latest fetch answer (None: not known, or the
+            partition is not assigned any more)."""
+            try:
+                return self.highwater(tp)
+            except (IllegalStateError, AssertionError):  # not assigned (aiokafka asserts)
+                return None
 
         def _stalled(self, now: float) -> list[TP]:
             """Input partitions with records past their committed offset of which nothing has
@@ -651,10 +654,7 @@ def _transport_class(
                 if not is_input(tp):
                     continue
                 committed = self._committed_offset.get(tp)
-                try:
-                    end = self.highwater(tp)
-                except (IllegalStateError, AssertionError):  # not assigned (aiokafka asserts)
-                    end = None
+                end = self._end(tp)
                 if committed is None or end is None or end <= committed or tp in in_hand:
                     self._quiet_since.pop(tp, None)
                     continue

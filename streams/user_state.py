@@ -459,8 +459,8 @@ class Backlog:
     def _input_left(self) -> bool:
         """Whether the input still has records the agent has not taken. An agent that has
         taken no batch for :data:`IDLE_S` has caught up, unless records are left (a fetch
-        answered slowly, say): ranking everyone waiting then cost a worker at full load a
-        thousand lists at a time, and a sixth of its throughput."""
+        answered slowly, say): taken for caught up, such a pause had the backlog rank everyone
+        waiting, a thousand lists at a time under ``e2e.py --max`` (docs/performance.md)."""
         return self.lagging is not None and self.lagging()
 
     async def close(self, timeout_s: float) -> None:
