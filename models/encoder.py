@@ -8,8 +8,9 @@ How a call to :meth:`TextEncoder.encode` runs:
 - Texts are sorted by length and cut into batches of ``batch_size``, so a batch pads only to
   texts of about its own length (length bucketing); each batch pads to a multiple of 8 tokens.
 - On CUDA the weights are cast to bf16 (or fp16), attention is PyTorch's fused SDPA, batches are
-  tokenised ahead in worker processes while the GPU works (:mod:`models.tokenise`), copied from
-  pinned memory without blocking, pooled on the GPU and fetched once at the end. A batch that
+  tokenised ahead in worker processes while the GPU works (:mod:`models.tokenise`, with a fast
+  path for plain ASCII text), copied in compact form from pinned memory without blocking,
+  pooled on the GPU in length order and fetched once at the end. A batch that
   runs out of GPU memory is split in halves and retried; a single text that still does not fit
   raises :class:`EncodeError`.
 - On the CPU the model runs in bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 or
@@ -30,7 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import structlog
 
-from models.tokenise import TokeniserPool, TokeniserSpec, arrays, default_workers, joined
+from models.tokenise import (
+    Tokeniser,
+    TokeniserPool,
+    TokeniserSpec,
+    default_workers,
+    joined,
+    model_inputs,
+)
 
 if TYPE_CHECKING:
     from infra.settings import EncoderSettings
@@ -140,7 +148,7 @@ class TextEncoder:
         model = model.eval()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the model needs the cores
         self._spec = TokeniserSpec.of(self.tokenizer, max_length)
-        self._fast = self._spec.build()
+        self._tokeniser = Tokeniser(self._spec)
         self.tokeniser_workers = (
             default_workers(self.device) if tokeniser_workers is None else tokeniser_workers
         )
@@ -193,16 +201,21 @@ class TextEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
-        out = torch.empty(len(texts), self.dim, dtype=torch.float32, device=self.device)
+        # Rows are written in length order and put back in input order once, on the host: an
+        # index tensor per batch would be a copy from pageable memory, which waits for the GPU.
+        by_length = torch.empty(len(texts), self.dim, dtype=torch.float32, device=self.device)
+        done = 0
         with torch.inference_mode():
             for rows, batch in self._tokenised(texts, batches):
-                index = torch.as_tensor(rows, device=self.device)
-                out[index] = self._pooled(batch)
-        return out.cpu().numpy()
+                by_length[done : done + len(rows)] = self._pooled(batch)
+                done += len(rows)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out[order] = by_length.cpu().numpy()
+        return out
 
     def _tokenise(self, texts: list[str]) -> dict[str, Any]:
-        """One batch's model inputs, tokenised here."""
-        return self._tensors(arrays(self._fast, texts, self._spec.with_types))
+        """One batch's compact tensors, tokenised here."""
+        return self._tensors(self._tokeniser.arrays(texts))
 
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Tensors over the arrays; pinned on CUDA so the copy to the GPU does not block."""
@@ -224,7 +237,8 @@ class TextEncoder:
             for rows in batches:
                 yield rows, self._tokenise([texts[i] for i in rows])
             return
-        depth = 4 * pool.workers  # chunks in flight
+        # Chunks in flight: enough to keep every worker busy and three batches ready.
+        depth = max(4 * pool.workers, 3 * -(-self.batch_size // pool.CHUNK))
         ahead: deque[tuple[list[int], list[Future[dict[str, np.ndarray]]]]] = deque()
         queued = 0
         pending = iter(batches)
@@ -257,19 +271,20 @@ class TextEncoder:
             self._tokeniser_pool = None
 
     def _pooled(self, batch: dict[str, Any]) -> Any:
-        """Unit mean-pooled vectors (float32, on the device) of one tokenised batch; a batch that
-        runs out of memory is split in halves, each trimmed to its own longest row."""
+        """Unit mean-pooled vectors (float32, on the device) of one compact tokenised batch; a
+        batch that runs out of memory is split in halves, each trimmed to its own longest row."""
         torch = self._torch
-        on_device = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        copied = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        on_device = model_inputs(copied)
         try:
             hidden = self._forward(**on_device).last_hidden_state
         except torch.OutOfMemoryError:
             hidden = None  # split outside the handler: its traceback pins the failed activations
         if hidden is None:
-            del on_device
+            del on_device, copied
             if self.device == "cuda":
                 torch.cuda.empty_cache()
-            rows = len(batch["input_ids"])
+            rows = len(batch["lengths"])
             if rows == 1:
                 raise EncodeError("the text does not fit in the device's memory")
             log.warning("encode_out_of_memory", rows=rows, retry_as=[rows // 2, rows - rows // 2])
@@ -295,10 +310,10 @@ def _quantised(model: Any) -> Any:
 
 
 def _rows(batch: dict[str, Any], rows: slice) -> dict[str, Any]:
-    """Some rows of a tokenised batch, cut to their own longest row."""
+    """Some rows of a compact tokenised batch, cut to their own longest row."""
     part = {k: v[rows] for k, v in batch.items()}
-    width = int(part["attention_mask"].sum(1).max())
-    return {k: v[:, :width] for k, v in part.items()}
+    width = int(part["lengths"].max())
+    return {k: v if k == "lengths" else v[:, :width] for k, v in part.items()}
 
 
 def packaged_model_dir_or_none() -> Path | None:

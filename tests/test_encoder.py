@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from structlog.testing import capture_logs
 
 from models.encoder import (
@@ -17,7 +18,7 @@ from models.encoder import (
     resolve_device,
     resolve_precision,
 )
-from models.tokenise import TokeniserSpec, joined
+from models.tokenise import AsciiWordPiece, Tokeniser, TokeniserSpec, joined, model_inputs
 
 REFERENCE = Path(__file__).parent / "fixtures" / "minilm_reference.json"
 DIM = 384
@@ -218,11 +219,11 @@ def test_a_text_that_never_fits_raises_encode_error(
 def test_tokeniser_processes_give_the_vectors_of_in_process_tokenising(
     encoder: TextEncoder,
 ) -> None:
-    """One batch of 150 texts tokenised in worker processes (the GPU path's pool, here forced on
+    """One batch of 300 texts tokenised in worker processes (the GPU path's pool, here forced on
     the CPU) as three chunks joined back into one padded batch gives the same vectors in the same
     order as tokenising it here."""
-    texts = [f"item {n}: " + "stars and ships " * (n % 23) for n in range(150)]
-    pooled = TextEncoder(device="cpu", precision="fp32", batch_size=200, tokeniser_workers=2)
+    texts = [f"item {n}: " + "stars and ships " * (n % 23) for n in range(300)]
+    pooled = TextEncoder(device="cpu", precision="fp32", batch_size=400, tokeniser_workers=2)
     try:
         got = pooled.encode(texts)
         assert pooled._tokeniser_pool is not None
@@ -232,10 +233,120 @@ def test_tokeniser_processes_give_the_vectors_of_in_process_tokenising(
 
 
 def test_joined_chunks_pad_to_the_widest() -> None:
-    """Chunks of different widths stack into one batch padded with the pad id, mask 0."""
-    spec = TokeniserSpec("{}", 16, pad_id=0, pad_token="[PAD]", pad_type_id=0, with_types=True)
-    one = {k: np.ones((2, 3), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    two = {k: np.full((1, 5), 2, np.int64) for k in one}
+    """Compact chunks of different widths stack into one batch padded with the pad id and the
+    pad type, their lengths kept; expanded, the mask is 0 exactly in the padding."""
+    import torch
+
+    spec = TokeniserSpec("{}", 16, pad_id=0, pad_token="[PAD]", pad_type_id=1, with_types=True)
+    one = {
+        "input_ids": np.full((2, 3), 7, np.uint16),
+        "token_type_ids": np.zeros((2, 3), np.int8),
+        "lengths": np.array([3, 2], np.int32),
+    }
+    two = {
+        "input_ids": np.full((1, 5), 9, np.uint16),
+        "token_type_ids": np.zeros((1, 5), np.int8),
+        "lengths": np.array([5], np.int32),
+    }
     both = joined([one, two], spec)
-    assert both["input_ids"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [2, 2, 2, 2, 2]]
-    assert both["attention_mask"][:2, 3:].sum() == 0
+    assert both["input_ids"].tolist() == [[7, 7, 7, 0, 0], [7, 7, 7, 0, 0], [9, 9, 9, 9, 9]]
+    assert both["token_type_ids"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 1], [0] * 5]
+    assert both["lengths"].tolist() == [3, 2, 5]
+    inputs = model_inputs({k: torch.from_numpy(v) for k, v in both.items()})
+    assert inputs["input_ids"].dtype == torch.int64
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5]
+
+
+ODD_TEXTS = [
+    "Café naïve 東京 menu",  # accents and CJK: the Rust tokenizer's
+    "a bell\x07 rings",  # a control character
+    "[MASK] and [CLS] written in the text",  # special tokens' content
+    "[brackets] alone are punctuation",
+    "snake_case, kebab-case & CamelCase; 3.14159 x 10^-3 {braces} ~tilde` |pipe|",
+    "tabs\tand\nline\r\nbreaks   and  spaces",
+    "",
+    "   ",
+    "a" * 150,  # longer than WordPiece's 100 characters: [UNK]
+    "unbelievably antidisestablishmentarianism hyperparameterisation",
+    "word " * 400,  # truncated
+]
+
+
+@pytest.mark.parametrize("max_length", [32, 256])
+def test_fast_tokeniser_gives_the_wrappers_inputs(encoder: TextEncoder, max_length: int) -> None:
+    """The tokeniser (ASCII fast path, the Rust tokenizer for the rest) gives exactly the ids and
+    mask of the transformers wrapper with padding and truncation, for odd texts and for
+    catalogue-like ones; the fast path takes the plain ASCII texts and leaves the others."""
+    import torch
+
+    tokeniser = Tokeniser(TokeniserSpec.of(encoder.tokenizer, max_length))
+    assert tokeniser.fast is not None
+    texts = ODD_TEXTS + [f"Item {n}: 'stars' & ships (x{n}), {n * 7} cm!" for n in range(40)]
+    got = model_inputs({k: torch.from_numpy(v) for k, v in tokeniser.arrays(texts).items()})
+    want = encoder.tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, pad_to_multiple_of=8
+    )
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert got[key].tolist() == want[key], key
+    fast = [tokeniser.fast.ids(t) is not None for t in ODD_TEXTS]
+    assert fast == [False, False, False, True, True, True, True, True, True, True, True]
+
+
+def test_fast_tokeniser_is_refused_where_it_would_differ(encoder: TextEncoder) -> None:
+    """A tokenizer whose normaliser is not BERT's gets no fast path (every text then goes through
+    the Rust tokenizer), so no model is tokenised by rules it does not use; a cased BERT
+    normaliser gets one that keeps the case."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    config = json.loads(encoder.tokenizer.backend_tokenizer.to_str())
+    config["normalizer"] = {"type": "Lowercase"}
+    other = Tokenizer.from_str(json.dumps(config))
+    assert AsciiWordPiece.of(other, 64) is None
+    config["normalizer"] = {
+        "type": "BertNormalizer",
+        "clean_text": True,
+        "handle_chinese_chars": True,
+        "strip_accents": None,
+        "lowercase": False,
+    }
+    cased = Tokenizer.from_str(json.dumps(config))
+    cased.no_padding()
+    cased.enable_truncation(64)
+    fast = AsciiWordPiece.of(cased, 64)
+    assert fast is not None
+    assert fast.ids("Hello World") == cased.encode("Hello World").ids
+    assert fast.ids("Hello World") != fast.ids("hello world")
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data absent")
+def test_fast_tokeniser_matches_the_wrapper_on_real_catalogue_and_reviews(
+    encoder: TextEncoder,
+) -> None:
+    """On every amazon-scientific item text and every amazon-instruments-2014 review, batches of
+    256 get exactly the transformers wrapper's ids, mask and types at 128 tokens, and nearly all
+    of these texts (over 95 %) take the fast path."""
+    import gzip
+
+    import torch
+
+    with (SHARED_DATA / "amazon-scientific" / "Scientific.text").open(encoding="utf-8") as f:
+        texts = [line.rstrip("\n").split("\t", 1)[1] for line in list(f)[1:]]
+    with gzip.open(SHARED_DATA / "amazon-instruments-2014" / "Musical_Instruments.json.gz") as f:
+        texts += [json.loads(line).get("reviewText", "") for line in f]
+    assert len(texts) == 4385 + 10261
+    tokeniser = Tokeniser(TokeniserSpec.of(encoder.tokenizer, 128))
+    for start in range(0, len(texts), 256):
+        chunk = texts[start : start + 256]
+        arrays = tokeniser.arrays(chunk)
+        got = model_inputs({k: torch.from_numpy(v) for k, v in arrays.items()})
+        want = encoder.tokenizer(
+            chunk, padding=True, truncation=True, max_length=128, pad_to_multiple_of=8
+        )
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            assert got[key].tolist() == want[key], (start, key)
+    assert tokeniser.fast is not None
+    fast = sum(tokeniser.fast.ids(t) is not None for t in texts)
+    assert fast / len(texts) > 0.95
+    print(f"fast path: {fast} of {len(texts)} texts")
