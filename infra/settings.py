@@ -98,7 +98,8 @@ class EncoderSettings(BaseModel):
 
     model: Path | None = None  # None = the packaged all-MiniLM-L6-v2
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(default=64, ge=1, le=4096)
+    # None = 64 on the CPU, 1024 on CUDA (a GPU needs large batches: docs/encoder.md)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
     max_length: int = Field(default=256, ge=8, le=512)
     max_wait_ms: int = Field(default=50, ge=1, le=10_000)
     # auto: bf16 on CUDA, fp32 on the CPU; int8 = dynamic quantisation of the linear layers (CPU)

@@ -216,7 +216,10 @@ def build_topology(settings: Settings, role: Role, services: Services) -> Topolo
 
         async def encode_agent(stream: Any) -> None:
             await encode_text(
-                stream, step=step, batch_size=enc.batch_size, batch_wait_s=enc.max_wait_ms / 1000
+                stream,
+                step=step,
+                batch_size=step.encoder.batch_size,
+                batch_wait_s=enc.max_wait_ms / 1000,
             )
 
         topo.agents[EncodeStep.STEP] = app.agent(

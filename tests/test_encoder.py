@@ -350,3 +350,15 @@ def test_fast_tokeniser_matches_the_wrapper_on_real_catalogue_and_reviews(
     fast = sum(tokeniser.fast.ids(t) is not None for t in texts)
     assert fast / len(texts) > 0.95
     print(f"fast path: {fast} of {len(texts)} texts")
+
+
+def test_batch_size_defaults_by_device(encoder: TextEncoder) -> None:
+    """Unset, the batch size is 64 on the CPU and 1024 on CUDA (the GPU needs large batches);
+    the settings leave it unset, and a set value wins."""
+    from infra.settings import EncoderSettings
+    from models.encoder import default_batch_size
+
+    assert EncoderSettings().batch_size is None
+    assert (default_batch_size("cpu"), default_batch_size("cuda")) == (64, 1024)
+    assert encoder.batch_size == 64
+    assert TextEncoder(device="cpu", precision="fp32", batch_size=8).batch_size == 8
