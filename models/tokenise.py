@@ -33,12 +33,12 @@ PAD_MULTIPLE = 8
 
 @dataclass(frozen=True)
 class TokeniserSpec:
-    """All a process needs to rebuild the model's tokenizer: its JSON and the padding rules."""
+    """All a process needs to rebuild the model's tokeniser: the tokenizer's JSON and the padding
+    rules."""
 
     tokenizer_json: str
     max_length: int
     pad_id: int
-    pad_token: str
     pad_type_id: int
     with_types: bool  # whether the model takes token_type_ids
 
@@ -49,14 +49,13 @@ class TokeniserSpec:
             tokenizer.backend_tokenizer.to_str(),
             max_length,
             int(tokenizer.pad_token_id),
-            str(tokenizer.pad_token),
             int(tokenizer.pad_token_type_id),
             "token_type_ids" in tokenizer.model_input_names,
         )
 
 
 class Tokeniser:
-    """A batch of texts -> the model's padded int64 inputs, the same as the Rust tokenizer's.
+    """A batch of texts -> the model's inputs in compact form, the ids the Rust tokenizer gives.
 
     The Rust tokenizer keeps each character's offsets through normalisation and splitting, which
     the encoder never reads. For a BERT-style WordPiece tokenizer (BERT normaliser and
@@ -172,7 +171,9 @@ class AsciiWordPiece:
         self._prefix = prefix
         self._suffix = suffix
         self._keep = max(0, max_length - len(prefix) - len(suffix))
-        self._added = [a for a in added if a]
+        # any added token's content, in any case (it may be matched after lower-casing)
+        contents = sorted((a for a in added if a), key=len, reverse=True)
+        self._added = re.compile("|".join(map(re.escape, contents)), re.I) if contents else None
         self._pieces: dict[str, list[int]] = {}
 
     @classmethod
@@ -212,9 +213,7 @@ class AsciiWordPiece:
 
     def ids(self, text: str) -> list[int] | None:
         """``text``'s token ids, or None where the Rust tokenizer must tokenise it."""
-        if self._OTHER.search(text) or (
-            self._added and "[" in text and any(a in text for a in self._added)
-        ):
+        if self._OTHER.search(text) or (self._added and self._added.search(text)):
             return None
         if len(self._pieces) > self.MAX_CACHED:
             self._pieces.clear()

@@ -237,7 +237,7 @@ def test_joined_chunks_pad_to_the_widest() -> None:
     pad type, their lengths kept; expanded, the mask is 0 exactly in the padding."""
     import torch
 
-    spec = TokeniserSpec("{}", 16, pad_id=0, pad_token="[PAD]", pad_type_id=1, with_types=True)
+    spec = TokeniserSpec("{}", 16, pad_id=0, pad_type_id=1, with_types=True)
     one = {
         "input_ids": np.full((2, 3), 7, np.uint16),
         "token_type_ids": np.zeros((2, 3), np.int8),
