@@ -237,8 +237,9 @@ class TextEncoder:
     ) -> Iterator[tuple[list[int], dict[str, Any]]]:
         """Each batch's rows and its tokens. With a tokeniser pool (beside a GPU) the batches are
         tokenised ahead in worker processes, in chunks (so even one large batch, as the stream's
-        agent hands over, spreads over every process), at most four chunks per worker in flight,
-        so memory stays bounded; otherwise (on the CPU, or for a single chunk) here."""
+        agent hands over, spreads over every process), with at most four chunks per worker or
+        three batches in flight, whichever is more, so memory stays bounded; otherwise (on the
+        CPU, or for a single chunk) here."""
         pool = self._pool()
         if pool is None or len(texts) <= pool.CHUNK:
             for rows in batches:
