@@ -26,8 +26,9 @@ user-updates topic to the user-state agent (``RECSTREAM_STREAM__DIRECT_UPDATES=f
 between workers of split roles.
 
 An event with no recommendation of its own counts as coalesced when a later event of the same user
-got one (lists are debounced per user), and as lost otherwise. It also reports dead letters and
-the worker's CPU share and resident memory.
+got one (lists are debounced per user), and as lost otherwise. It also reports dead letters, the
+worker's CPU share and resident memory, and the CPU shares of the broker and of this process (the
+publisher and the reader of the lists): on a small machine all three share the cores.
 """
 
 from __future__ import annotations
@@ -357,8 +358,10 @@ def measure(
     *,
     warm: list[Planned],
     planned: list[Planned],
+    broker_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then the measured load; latencies, throughput, usage."""
+    """Warm up, then the measured load; latencies, throughput, usage (the broker's CPU too, given
+    its pid, and this process's)."""
     collector = Collector(settings, RECOMMENDATIONS.name, _recommendation)
     collector.start()
     collector.ready.wait(10)
@@ -370,6 +373,8 @@ def measure(
             await_arrivals(collector, warm, 120.0, alive)
             base_behaviour = committed(settings, BEHAVIOR.name, workers.behaviour_group)
             before, started = workers.usage(), time.monotonic()
+            broker_before = Usage.of(broker_pid).cpu_s if broker_pid else 0.0
+            own_before = Usage.of(os.getpid()).cpu_s  # the publisher and the reader of lists
             if args.max:
                 due = {}
                 for event in planned:
@@ -399,6 +404,8 @@ def measure(
                     break
                 time.sleep(0.2)
             after = workers.usage()
+            broker_cpu_s = Usage.of(broker_pid).cpu_s - broker_before if broker_pid else None
+            own_cpu_s = Usage.of(os.getpid()).cpu_s - own_before
             await_arrivals(collector, planned, STRAGGLER_S, alive)
             phase = phase_result(planned, due, collector, achieved)
             # done when the last list reflecting a measured event arrived (commits lag by seconds)
@@ -423,12 +430,16 @@ def measure(
         "worker_cpu_percent": round(100 * (after.cpu_s - before.cpu_s) / elapsed, 1),
         "worker_rss_mib": round(after.rss_mib, 1),
         "worker_peak_rss_mib": round(after.peak_rss_mib, 1),
+        "broker_cpu_percent": (
+            None if broker_cpu_s is None else round(100 * broker_cpu_s / elapsed, 1)
+        ),
+        "benchmark_cpu_percent": round(100 * own_cpu_s / elapsed, 1),
     }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     raw_in, raw_out, noop = scratch("raw-in"), scratch("raw-out"), scratch("noop")
-    with embedded_stack("recstream-e2e-", raw_in, raw_out, noop) as (tmp, settings):
+    with embedded_stack("recstream-e2e-", raw_in, raw_out, noop) as (tmp, settings, broker):
         print(f"comparisons: {args.ceiling_events} events each", file=sys.stderr, flush=True)
         fill(settings, raw_in.name, args.ceiling_events)
         raw = raw_loop(settings, raw_in.name, raw_out.name, args.ceiling_events)
@@ -450,7 +461,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             app, (warm, planned) = settings.stream.app_id, draw(args)
             workers = Workers((worker.pid,), app, app)
-            result = measure(settings, args, alive, workers, warm=warm, planned=planned)
+            result = measure(
+                settings, args, alive, workers, warm=warm, planned=planned, broker_pid=broker
+            )
             result["dead_lettered"] = end_offsets(settings, DEAD_LETTER.name)
     return {
         **provenance(),
@@ -495,7 +508,9 @@ def table(r: dict[str, Any]) -> str:
             f"max {lat['max']}",
             f"received {r['received']:,}, coalesced {r['coalesced']:,}, lost {r['lost']}, "
             f"dead-lettered {r['dead_lettered']}; worker CPU {r['worker_cpu_percent']}%, "
-            f"RSS {r['worker_rss_mib']} MiB (peak {r['worker_peak_rss_mib']})",
+            f"RSS {r['worker_rss_mib']} MiB (peak {r['worker_peak_rss_mib']}); "
+            f"broker CPU {r.get('broker_cpu_percent')}%, this benchmark's own process "
+            f"(publisher, reader) {r.get('benchmark_cpu_percent')}%",
         ]
     )
 

@@ -1,14 +1,21 @@
-"""Does the embedded broker answer a waiting fetch as soon as a record arrives?
+"""How long does the embedded broker hold a consumer's fetch once a record has come?
 
-    python benchmarks/fetch_wait.py [--records 40] [--waits 5,20,100,500] [--json OUT.json]
+    python benchmarks/fetch_wait.py [--rate 200] [--seconds 5] [--waits 5,20,100] [--json OUT.json]
 
 A consumer's fetch request names a longest wait (``fetch_max_wait_ms``; the worker's is
-``kafka.fetch_max_wait_ms``). A broker that holds every request for the whole wait, even once a
-record has come, would add about half that wait to each hop on average. For each wait this starts
-an aiokafka consumer (the client Faust's workers use) at the end of a scratch topic of a fresh
-embedded broker, then produces single records (no linger) at random gaps of 50 to 300 ms and
-times each from its send to its arrival. The comparison, printed beside it, is half the wait: what
-a hop would cost on average if the broker held the request to the end.
+``kafka.fetch_max_wait_ms``). Apache Kafka answers a waiting fetch as soon as a record comes; a
+broker that looks for new records only now and then holds each record until it looks. For each wait
+this measures, on a fresh embedded broker and a scratch topic of four partitions:
+
+- **stream**: records produced (no linger) in an open loop at ``--rate`` records/s for
+  ``--seconds``, read by an aiokafka consumer (the client Faust's workers use) in its own thread;
+  each record's latency runs from its due time to its arrival, as in ``benchmarks/e2e.py``. The
+  broker's CPU share over the stream is read from ``/proc``.
+- **awaited**: ``--records`` single records at random gaps of 50 to 300 ms, each awaited before the
+  next is sent, from a consumer in the producing thread's event loop.
+
+The comparison printed beside them is a quarter of the wait: the median a record would wait if the
+broker looked for records every half wait.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,19 +38,104 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infra.broker import BrokerStartError, EmbeddedBroker
 
-TOPIC = "bench.fetch-wait.v1"
+PARTITIONS = 4
 
 
-async def hop_latencies(bootstrap: str, wait_ms: int, records: int, seed: int) -> list[float]:
-    """Milliseconds from each record's send to its arrival at a consumer fetching with
-    ``wait_ms``."""
+def create_topic(bootstrap: str, topic: str) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Reader(threading.Thread):
+    """An aiokafka consumer at the end of ``topic`` that stamps each record's arrival."""
+
+    def __init__(self, bootstrap: str, topic: str, wait_ms: int) -> None:
+        super().__init__(name=f"reader-{topic}", daemon=True)
+        self.bootstrap, self.topic, self.wait_ms = bootstrap, topic, wait_ms
+        self.arrived: dict[int, float] = {}
+        self.ready, self.halt = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._read())
+
+    async def _read(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.bootstrap,
+            group_id=f"fetch-wait-{self.topic}",
+            fetch_max_wait_ms=self.wait_ms,
+            auto_offset_reset="latest",
+        )
+        await consumer.start()
+        try:
+            while not consumer.assignment():
+                await asyncio.sleep(0.05)
+            await consumer.seek_to_end()
+            await asyncio.sleep(1.0)  # the first fetch is waiting at the end
+            self.ready.set()
+            while not self.halt.is_set():
+                batch = await consumer.getmany(timeout_ms=50)
+                now = time.monotonic()
+                for records in batch.values():
+                    for record in records:
+                        self.arrived[int(record.value)] = now
+        finally:
+            await consumer.stop()
+
+
+def stream(broker: EmbeddedBroker, topic: str, wait_ms: int, rate: float, seconds: float) -> dict:
+    """Open loop at ``rate``: latencies from each record's due time, and the broker's CPU share."""
+    from confluent_kafka import Producer
+
+    create_topic(broker.bootstrap_servers, topic)
+    reader = Reader(broker.bootstrap_servers, topic, wait_ms)
+    reader.start()
+    if not reader.ready.wait(30):
+        raise RuntimeError("the reader did not start")
+    producer = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 0})
+    count = int(rate * seconds)
+    due: dict[int, float] = {}
+    pid = broker.pid
+    assert pid is not None
+    cpu0, t0 = cpu_seconds(pid), time.monotonic() + 0.05
+    for n in range(count):
+        at = t0 + n / rate
+        while (left := at - time.monotonic()) > 0:
+            time.sleep(min(left, 0.0005))
+        due[n] = at
+        producer.produce(topic, key=str(n % 1000).encode(), value=str(n).encode())
+        producer.poll(0)
+    producer.flush(10)
+    cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    time.sleep(0.5)
+    reader.halt.set()
+    reader.join(10)
+    latencies = [(reader.arrived[n] - due[n]) * 1000 for n in due if n in reader.arrived]
+    return {
+        **summary(latencies),
+        "arrived": len(latencies),
+        "broker_cpu_percent": round(100 * cpu, 1),
+    }
+
+
+async def awaited(bootstrap: str, topic: str, wait_ms: int, records: int, seed: int) -> list[float]:
+    """Milliseconds from each single record's send to its arrival, the next sent only after."""
     from aiokafka import AIOKafkaConsumer
     from confluent_kafka import Producer
 
     consumer = AIOKafkaConsumer(
-        TOPIC,
+        topic,
         bootstrap_servers=bootstrap,
-        group_id=f"fetch-wait-{wait_ms}",
+        group_id=f"fetch-wait-{topic}",
         fetch_max_wait_ms=wait_ms,
         auto_offset_reset="latest",
     )
@@ -52,12 +146,12 @@ async def hop_latencies(bootstrap: str, wait_ms: int, records: int, seed: int) -
         while not consumer.assignment():
             await asyncio.sleep(0.05)
         await consumer.seek_to_end()
-        await asyncio.sleep(1.0)  # the consumer's first fetch is waiting at the end
+        await asyncio.sleep(1.0)
         latencies = []
         for _ in range(records):
             await asyncio.sleep(rng.uniform(0.05, 0.3))
             sent = time.perf_counter()
-            producer.produce(TOPIC, b"x")
+            producer.produce(topic, b"x")
             producer.flush()
             await consumer.getone()
             latencies.append((time.perf_counter() - sent) * 1000)
@@ -66,15 +160,10 @@ async def hop_latencies(bootstrap: str, wait_ms: int, records: int, seed: int) -
         await consumer.stop()
 
 
-def create_topic(bootstrap: str) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(TOPIC, 1, 1)])[TOPIC].result(timeout=30)
-
-
 def summary(latencies: list[float]) -> dict[str, float]:
     ordered = sorted(latencies)
+    if not ordered:
+        return {"p50": float("nan"), "p95": float("nan"), "max": float("nan")}
     return {
         "p50": round(statistics.median(ordered), 2),
         "p95": round(ordered[round(0.95 * (len(ordered) - 1))], 2),
@@ -84,8 +173,10 @@ def summary(latencies: list[float]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=40, help="records per wait (default 40)")
-    parser.add_argument("--waits", default="5,20,100,500", help="fetch waits in ms")
+    parser.add_argument("--rate", type=float, default=200.0, help="records/s of the stream")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds of stream per wait")
+    parser.add_argument("--records", type=int, default=20, help="awaited records per wait")
+    parser.add_argument("--waits", default="5,20,100", help="fetch waits in ms")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     try:
@@ -93,8 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         print(f"error: --waits takes comma-separated whole ms, not {args.waits!r}", file=sys.stderr)
         return 2
-    if args.records < 1 or any(w < 1 for w in waits):
-        print("error: --records and every wait must be at least 1", file=sys.stderr)
+    if args.records < 1 or args.rate <= 0 or args.seconds <= 0 or any(w < 1 for w in waits):
+        print(
+            "error: --records, --rate, --seconds and every wait must be positive", file=sys.stderr
+        )
         return 2
     rows: list[dict[str, Any]] = []
     try:
@@ -102,25 +195,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             tempfile.TemporaryDirectory() as tmp,
             EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker,
         ):
-            create_topic(broker.bootstrap_servers)
             print(
-                f"{'wait ms':>8} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'held to the end':>16}"
+                f"{'wait ms':>8} | {'stream p50':>10} {'p95':>7} {'max':>7} {'broker CPU':>10} "
+                f"| {'awaited p50':>11} {'p95':>7} | {'wait/4':>6}"
             )
             for n, wait in enumerate(waits):
-                got = summary(
-                    asyncio.run(hop_latencies(broker.bootstrap_servers, wait, args.records, n))
+                flow = stream(broker, f"bench.fetch-wait-{n}.v1", wait, args.rate, args.seconds)
+                topic = f"bench.fetch-wait-single-{n}.v1"
+                create_topic(broker.bootstrap_servers, topic)
+                single = summary(
+                    asyncio.run(awaited(broker.bootstrap_servers, topic, wait, args.records, n))
                 )
-                rows.append({"fetch_max_wait_ms": wait, "latency_ms": got, "held_p50_ms": wait / 2})
+                rows.append(
+                    {
+                        "fetch_max_wait_ms": wait,
+                        "stream_ms": flow,
+                        "awaited_ms": single,
+                        "quarter_wait_ms": wait / 4,
+                    }
+                )
                 print(
-                    f"{wait:>8} {got['p50']:>8.2f} {got['p95']:>8.2f} {got['max']:>8.2f} "
-                    f"{wait / 2:>16.1f}"
+                    f"{wait:>8} | {flow['p50']:>10.2f} {flow['p95']:>7.2f} {flow['max']:>7.2f} "
+                    f"{flow['broker_cpu_percent']:>9.1f}% | {single['p50']:>11.2f} "
+                    f"{single['p95']:>7.2f} | {wait / 4:>6.1f}",
+                    flush=True,
                 )
     except BrokerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"records": args.records, "runs": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"rate": args.rate, "seconds": args.seconds, "runs": rows}, indent=2) + "\n"
+        )
         print(f"wrote {args.json}")
     return 0
 

@@ -398,9 +398,9 @@ def measure_pipeline(
 
 
 @contextmanager
-def embedded_stack(prefix: str, *scratch: TopicSpec) -> Iterator[tuple[Path, Settings]]:
-    """A temporary directory and a fresh embedded broker holding recstream's topics and the
-    ``scratch`` ones; the broker is stopped by pid at the end."""
+def embedded_stack(prefix: str, *scratch: TopicSpec) -> Iterator[tuple[Path, Settings, int]]:
+    """A temporary directory, settings for a fresh embedded broker holding recstream's topics and
+    the ``scratch`` ones, and the broker's process id; the broker is stopped by pid at the end."""
     with (
         tempfile.TemporaryDirectory(prefix=prefix) as tmp,
         EmbeddedBroker(log_file=Path(tmp) / "broker.log") as broker,
@@ -411,7 +411,8 @@ def embedded_stack(prefix: str, *scratch: TopicSpec) -> Iterator[tuple[Path, Set
         settings.data_dir.mkdir(parents=True)
         provision_topics(settings.kafka)
         provision_topics(settings.kafka, list(scratch))
-        yield Path(tmp), settings
+        assert broker.pid is not None
+        yield Path(tmp), settings, broker.pid
 
 
 @contextmanager
@@ -446,7 +447,7 @@ def run(args: argparse.Namespace) -> tuple[Phase, Phase, Settings]:
         {"RECSTREAM_SERVING__MODEL_DIR": str(args.model_dir.resolve())} if args.model_dir else {}
     )
     with (
-        embedded_stack("recstream-bench-", FLOOR_TOPIC) as (tmp, settings),
+        embedded_stack("recstream-bench-", FLOOR_TOPIC) as (tmp, settings, _),
         running_worker(settings, tmp, **serving) as (_, alive),
     ):
         with BehaviorProducer(settings, source="benchmark") as producer:

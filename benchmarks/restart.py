@@ -93,7 +93,7 @@ def one_store(store: str, args: argparse.Namespace) -> dict[str, Any]:
     items = catalogue(args.items, rng)
     events = load(rng, f"ev-{store}", args.events, args.users, args.items)
     env = {"RECSTREAM_STREAM__TABLE_STORE": store}
-    with embedded_stack(f"bench-restart-{store}-") as (tmp, settings):
+    with embedded_stack(f"bench-restart-{store}-") as (tmp, settings, _):
         (tmp / "first").mkdir()
         with running_worker(settings, tmp / "first", **env) as (_, alive):
             embed_catalogue(settings, items, alive)

@@ -78,7 +78,7 @@ SETTLE_S = 3.0
 def seed_vectors(items: list[dict[str, Any]], keep: Path) -> float:
     """Embed the catalogue once (a worker of role all on a scratch broker); copy its vector store
     to ``keep``. Returns the seconds the embedding took."""
-    with embedded_stack("recstream-scaleout-seed-") as (tmp, settings):
+    with embedded_stack("recstream-scaleout-seed-") as (tmp, settings, _):
         with running_worker(settings, tmp) as (_, alive):
             seconds = embed_catalogue(settings, items, alive)
         shutil.copytree(settings.vectors_dir, keep)
@@ -198,7 +198,7 @@ def state_check(settings: Settings, group: str, sent: Counter[str]) -> dict[str,
 
 @contextmanager
 def fleet_on_fresh_broker(vectors: Path, prefix: str) -> Iterator[tuple[Settings, Fleet]]:
-    with embedded_stack(prefix) as (tmp, settings), ExitStack() as stack:
+    with embedded_stack(prefix) as (tmp, settings, _), ExitStack() as stack:
         fleet = Fleet(settings, tmp, vectors)
         stack.callback(fleet.stop_all)
         yield settings, fleet

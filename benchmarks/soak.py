@@ -428,7 +428,7 @@ def keep_log(workdir: Path, json_path: Path | None) -> str | None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with (
-        embedded_stack("recstream-soak-") as (tmp, settings),
+        embedded_stack("recstream-soak-") as (tmp, settings, _),
         running_worker(settings, tmp) as (worker, alive_or_bench_error),
     ):
         alive = _checked(alive_or_bench_error)

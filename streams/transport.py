@@ -64,6 +64,11 @@ Three changes to Faust's aiokafka driver, each for a measured or tested reason:
   message to its stream through four tasks; with this on, a delivery that finishes at once runs
   without them (:meth:`TunedConsumer._drain_messages`). Measured in ``docs/performance.md``:
   a lower tail at 500 events/s, less sustained throughput under ``e2e.py --max``.
+- **Changelog partitions paused in aiokafka too.** Faust pauses a partition in its own books
+  only, so every fetch request still named each table changelog partition the worker holds,
+  outside recovery too, and the embedded broker spends CPU on every partition of every waiting
+  fetch. The changelog partitions Faust holds paused are now paused in aiokafka as well, and
+  resumed with Faust (:meth:`TunedConsumer._forward_changelog_pauses`).
 - **Persistent tables.** Each commit brackets its producer flush for the RocksDB table store
   (``streams/store.py``): the table writes held when it begins are written to disk only after
   the flush has had their changelog records acknowledged, so local state never runs ahead of the
@@ -127,6 +132,18 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
 
         consumer.seek = counted_seek
         return consumer
+
+    def pause_changelogs(self, topics: set[str], paused: set[tuple[str, int]]) -> None:
+        """Pause the assigned partitions of the ``topics`` named in ``paused``, resume the others
+        (called on this thread; see ``TunedConsumer._forward_changelog_pauses``)."""
+        consumer = getattr(self, "_consumer", None)
+        if consumer is None:
+            return
+        mine = [tp for tp in consumer.assignment() if tp.topic in topics]
+        stop = [tp for tp in mine if (tp.topic, tp.partition) in paused]
+        go = [tp for tp in mine if (tp.topic, tp.partition) not in paused]
+        consumer.pause(*stop)
+        consumer.resume(*go)
 
     async def seek_here(self, tp: TP, offset: int) -> None:
         """Seek on this thread (Faust's own ``seek`` moves the position from the app's loop)."""
@@ -443,6 +460,33 @@ def _transport_class(
 
         def _new_consumer_thread(self) -> Any:
             return thread(self, loop=self.loop, beacon=self.beacon)
+
+        def pause_partitions(self, tps: Any) -> None:
+            super().pause_partitions(tps)
+            self._forward_changelog_pauses()
+
+        def resume_partitions(self, tps: Any) -> None:
+            super().resume_partitions(tps)
+            self._forward_changelog_pauses()
+
+        def _forward_changelog_pauses(self) -> None:
+            """Pause in aiokafka the changelog partitions Faust has paused (and resume the rest).
+
+            Faust pauses a partition in its own books only, so aiokafka went on naming every
+            table changelog partition in each fetch request while nothing read them outside
+            recovery; the embedded broker spends CPU on every partition of every waiting fetch.
+            The state is applied on the consumer thread, in call order."""
+            consumer_thread = cast(_ConsumerThread, self._thread)
+            loop = getattr(consumer_thread, "thread_loop", None)
+            if loop is None or loop.is_closed():
+                return
+            paused = {
+                (tp.topic, tp.partition)
+                for tp in self._paused_partitions
+                if self._is_changelog_tp(tp)
+            }
+            changelogs = set(self.app.tables.changelog_topics)
+            loop.call_soon_threadsafe(consumer_thread.pause_changelogs, changelogs, paused)
 
         async def _seek(self, partition: TP, offset: int) -> None:
             # on the consumer thread, counted there (Faust moves the position from this loop)

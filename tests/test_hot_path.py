@@ -22,6 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP, Message
 from qdrant_client import QdrantClient
 
+from infra.kafka import producer_config, provision_topics
 from infra.settings import RankingSettings, Settings
 from infra.vectors import Filter, VectorPoint, VectorStore
 from infra.vectors.cached import CachedStore
@@ -31,7 +32,7 @@ from models.ranking import ItemInfo, RankInput, explain, explain_all
 from models.recommender import Recommender, UserRequest
 from models.state import Fusion, ReviewRef, UserState, apply_interaction
 from schemas.internal import EncodeRequest, UserUpdate
-from schemas.topics import BEHAVIOR, DEAD_LETTER, RECOMMENDATIONS, USER_UPDATES
+from schemas.topics import BEHAVIOR, DEAD_LETTER, RECOMMENDATIONS, USER_UPDATES, TopicSpec
 from streams.encode import EncodeStep
 from streams.ingest import ingest
 from streams.sinks import (
@@ -43,7 +44,7 @@ from streams.sinks import (
     partition_of,
     user_update_key,
 )
-from streams.topology import create_app
+from streams.topology import create_app, user_tables
 from streams.transport import REFETCH_AFTER_S, ReadOffsets, SeekLedger, fresh
 from streams.user_state import (
     Backlog,
@@ -1104,3 +1105,88 @@ def test_a_message_is_handed_over_in_place_unless_it_must_wait(tmp_path: Path) -
         assert delivered == [1, 2]
 
     consumer.loop.run_until_complete(scenario())  # the loop Faust's events were made for
+
+
+def test_paused_changelog_partitions_leave_the_fetch_requests(settings: Settings) -> None:
+    """``pause_changelogs`` pauses in aiokafka the assigned partitions of the named topics that
+    are listed as paused and resumes the others: on the embedded broker a record written to a
+    paused changelog partition is not fetched while one on an input partition is, and once
+    resumed the changelog record is fetched too."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+    from confluent_kafka import Producer
+
+    from streams.transport import _ConsumerThread
+
+    changelog, source = "recstream-test-changelog", "recstream-test-input"
+    specs = [TopicSpec(t, "key", "delete", False, "test") for t in (changelog, source)]
+    provision_topics(settings.kafka, specs)
+    producer = Producer(producer_config(settings.kafka))
+
+    async def scenario() -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka.bootstrap_servers,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+        )
+        await consumer.start()
+        try:
+            tps = [TopicPartition(t, p) for t in (changelog, source) for p in range(2)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning()
+            holder = SimpleNamespace(_consumer=consumer)
+            paused = {(changelog, 0), (changelog, 1), (source, 1)}  # the input is not named
+            _ConsumerThread.pause_changelogs(holder, {changelog}, paused)  # type: ignore[arg-type]
+            assert consumer.paused() == {TopicPartition(changelog, 0), TopicPartition(changelog, 1)}
+            for topic in (changelog, source):
+                producer.produce(topic, key=b"k", value=topic.encode(), partition=0)
+            producer.flush(10)
+            got: dict[str, int] = {}
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                for tp, records in (await consumer.getmany(timeout_ms=100)).items():
+                    got[tp.topic] = got.get(tp.topic, 0) + len(records)
+            assert got == {source: 1}  # the changelog record was not fetched
+            assert TopicPartition(changelog, 0) not in consumer._fetcher._records
+            _ConsumerThread.pause_changelogs(holder, {changelog}, set())  # type: ignore[arg-type]
+            assert consumer.paused() == set()
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and changelog not in got:
+                for tp, records in (await consumer.getmany(timeout_ms=100)).items():
+                    got[tp.topic] = got.get(tp.topic, 0) + len(records)
+            assert got == {source: 1, changelog: 1}
+        finally:
+            await consumer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_worker_forwards_faust_pauses_of_changelog_partitions(tmp_path: Path) -> None:
+    """Faust pauses partitions in its own books only; the worker's consumer hands the changelog
+    partitions Faust holds paused, after every pause and resume, to its consumer thread (input
+    partitions are left to Faust), in call order, on that thread's loop."""
+    app = create_app(Settings(data_dir=tmp_path), "all")
+    user_tables(app)
+    consumer = app.consumer
+    changelogs = set(app.tables.changelog_topics)
+    assert len(changelogs) == 3  # user state, co-visitation, popularity
+    log_topic = sorted(changelogs)[0]
+    calls: list[tuple[set[str], set[tuple[str, int]]]] = []
+    loop = asyncio.new_event_loop()
+    consumer._thread = SimpleNamespace(
+        thread_loop=loop, pause_changelogs=lambda topics, paused: calls.append((topics, paused))
+    )
+    try:
+        log0, log1, source = TP(log_topic, 0), TP(log_topic, 1), TP(BEHAVIOR.name, 0)
+        consumer.pause_partitions({log0, log1, source})
+        consumer.resume_partitions({log1, source})
+        consumer.pause_partitions({log1})
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    assert [paused for _, paused in calls] == [
+        {(log_topic, 0), (log_topic, 1)},
+        {(log_topic, 0)},
+        {(log_topic, 0), (log_topic, 1)},
+    ]
+    assert all(topics == changelogs for topics, _ in calls)
