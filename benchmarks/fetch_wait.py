@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -35,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e import Usage
 
 from infra.broker import BrokerStartError, EmbeddedBroker
 
@@ -48,9 +50,24 @@ def create_topic(bootstrap: str, topic: str) -> None:
     admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(timeout=30)
 
 
-def cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+async def consumer_at_end(bootstrap: str, topic: str, wait_ms: int) -> Any:
+    """A started aiokafka consumer of ``topic`` with ``wait_ms`` fetches, its first fetch waiting
+    at the topic's end."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"fetch-wait-{topic}",
+        fetch_max_wait_ms=wait_ms,
+        auto_offset_reset="latest",
+    )
+    await consumer.start()
+    while not consumer.assignment():
+        await asyncio.sleep(0.05)
+    await consumer.seek_to_end()
+    await asyncio.sleep(1.0)
+    return consumer
 
 
 class Reader(threading.Thread):
@@ -66,21 +83,8 @@ class Reader(threading.Thread):
         asyncio.run(self._read())
 
     async def _read(self) -> None:
-        from aiokafka import AIOKafkaConsumer
-
-        consumer = AIOKafkaConsumer(
-            self.topic,
-            bootstrap_servers=self.bootstrap,
-            group_id=f"fetch-wait-{self.topic}",
-            fetch_max_wait_ms=self.wait_ms,
-            auto_offset_reset="latest",
-        )
-        await consumer.start()
+        consumer = await consumer_at_end(self.bootstrap, self.topic, self.wait_ms)
         try:
-            while not consumer.assignment():
-                await asyncio.sleep(0.05)
-            await consumer.seek_to_end()
-            await asyncio.sleep(1.0)  # the first fetch is waiting at the end
             self.ready.set()
             while not self.halt.is_set():
                 batch = await consumer.getmany(timeout_ms=50)
@@ -106,7 +110,7 @@ def stream(broker: EmbeddedBroker, topic: str, wait_ms: int, rate: float, second
     due: dict[int, float] = {}
     pid = broker.pid
     assert pid is not None
-    cpu0, t0 = cpu_seconds(pid), time.monotonic() + 0.05
+    cpu0, t0 = Usage.of(pid).cpu_s, time.monotonic() + 0.05
     for n in range(count):
         at = t0 + n / rate
         while (left := at - time.monotonic()) > 0:
@@ -115,7 +119,7 @@ def stream(broker: EmbeddedBroker, topic: str, wait_ms: int, rate: float, second
         producer.produce(topic, key=str(n % 1000).encode(), value=str(n).encode())
         producer.poll(0)
     producer.flush(10)
-    cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    cpu = (Usage.of(pid).cpu_s - cpu0) / (time.monotonic() - t0)
     time.sleep(0.5)
     reader.halt.set()
     reader.join(10)
@@ -129,24 +133,12 @@ def stream(broker: EmbeddedBroker, topic: str, wait_ms: int, rate: float, second
 
 async def awaited(bootstrap: str, topic: str, wait_ms: int, records: int, seed: int) -> list[float]:
     """Milliseconds from each single record's send to its arrival, the next sent only after."""
-    from aiokafka import AIOKafkaConsumer
     from confluent_kafka import Producer
 
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=f"fetch-wait-{topic}",
-        fetch_max_wait_ms=wait_ms,
-        auto_offset_reset="latest",
-    )
-    await consumer.start()
+    consumer = await consumer_at_end(bootstrap, topic, wait_ms)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
     rng = random.Random(seed)
     try:
-        while not consumer.assignment():
-            await asyncio.sleep(0.05)
-        await consumer.seek_to_end()
-        await asyncio.sleep(1.0)
         latencies = []
         for _ in range(records):
             await asyncio.sleep(rng.uniform(0.05, 0.3))

@@ -136,7 +136,7 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
     def pause_changelogs(self, topics: set[str], paused: set[tuple[str, int]]) -> None:
         """Pause the assigned partitions of the ``topics`` named in ``paused``, resume the others
         (called on this thread; see ``TunedConsumer._forward_changelog_pauses``)."""
-        consumer = getattr(self, "_consumer", None)
+        consumer = self._consumer
         if consumer is None:
             return
         mine = [tp for tp in consumer.assignment() if tp.topic in topics]
@@ -477,15 +477,12 @@ def _transport_class(
             recovery; the embedded broker spends CPU on every partition of every waiting fetch.
             The state is applied on the consumer thread, in call order."""
             consumer_thread = cast(_ConsumerThread, self._thread)
-            loop = getattr(consumer_thread, "thread_loop", None)
-            if loop is None or loop.is_closed():
+            loop = consumer_thread.thread_loop
+            if loop.is_closed():
                 return
-            paused = {
-                (tp.topic, tp.partition)
-                for tp in self._paused_partitions
-                if self._is_changelog_tp(tp)
-            }
             changelogs = set(self.app.tables.changelog_topics)
+            paused = {(tp.topic, tp.partition) for tp in self._paused_partitions}
+            paused = {key for key in paused if key[0] in changelogs}
             loop.call_soon_threadsafe(consumer_thread.pause_changelogs, changelogs, paused)
 
         async def _seek(self, partition: TP, offset: int) -> None:

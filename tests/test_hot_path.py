@@ -1123,6 +1123,13 @@ def test_paused_changelog_partitions_leave_the_fetch_requests(settings: Settings
     provision_topics(settings.kafka, specs)
     producer = Producer(producer_config(settings.kafka))
 
+    async def read_into(got: dict[str, int], consumer: Any, seconds: float, until: str) -> None:
+        """Count the records fetched, by topic, for ``seconds`` or until ``until`` has some."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and until not in got:
+            for tp, records in (await consumer.getmany(timeout_ms=100)).items():
+                got[tp.topic] = got.get(tp.topic, 0) + len(records)
+
     async def scenario() -> None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka.bootstrap_servers,
@@ -1142,18 +1149,12 @@ def test_paused_changelog_partitions_leave_the_fetch_requests(settings: Settings
                 producer.produce(topic, key=b"k", value=topic.encode(), partition=0)
             producer.flush(10)
             got: dict[str, int] = {}
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline:
-                for tp, records in (await consumer.getmany(timeout_ms=100)).items():
-                    got[tp.topic] = got.get(tp.topic, 0) + len(records)
+            await read_into(got, consumer, 3.0, until=changelog)
             assert got == {source: 1}  # the changelog record was not fetched
             assert TopicPartition(changelog, 0) not in consumer._fetcher._records
             _ConsumerThread.pause_changelogs(holder, {changelog}, set())  # type: ignore[arg-type]
             assert consumer.paused() == set()
-            deadline = time.monotonic() + 10.0
-            while time.monotonic() < deadline and changelog not in got:
-                for tp, records in (await consumer.getmany(timeout_ms=100)).items():
-                    got[tp.topic] = got.get(tp.topic, 0) + len(records)
+            await read_into(got, consumer, 10.0, until=changelog)
             assert got == {source: 1, changelog: 1}
         finally:
             await consumer.stop()
