@@ -79,7 +79,9 @@ class _Round:
 
 
 @dataclass(slots=True)
-class _Batch:
+class Gathered:
+    """A batch's candidates, item vectors and (with a model) re-ranker signals, before ranking."""
+
     items: dict[str, ItemInfo]
     review_vecs: dict[str, np.ndarray]
     inputs: list[RankInput]
@@ -156,7 +158,13 @@ class Recommender:
                 if view is not None and view.rows:
                     return self._recommend_resident(requests, popular or {}, view)
             # no matrix (off, or nothing available): the store answers, the index's lock released
-        batch = self._gather(requests, popular or {}, model)
+        return self.rank_gathered(self._gather(requests, popular or {}, model), model)
+
+    def rank_gathered(
+        self, batch: Gathered, model: TrainedModel | None = None
+    ) -> list[list[Ranked]]:
+        """Rank a gathered batch: by ``model``'s re-ranker when the batch has signals (training
+        fits a re-ranker on a batch's signals, then ranks the same batch with it)."""
         out = []
         for n, inp in enumerate(batch.inputs):
             if batch.signals is not None and model is not None:
@@ -168,23 +176,21 @@ class Recommender:
             out.append(rank(inp, batch.items, batch.review_vecs, self.cfg.k, self.weights))
         return out
 
-    def signals(
+    def gather(
         self, requests: Sequence[UserRequest], popular: Mapping[str, float] | None = None
-    ) -> list[Signals]:
+    ) -> Gathered:
         """Each request's candidates and their re-ranker signals (what training fits on)."""
         model = self.model
         if model is None:
             raise ValueError("signals need a trained model")
-        batch = self._gather(requests, popular or {}, model)
-        assert batch.signals is not None
-        return batch.signals
+        return self._gather(requests, popular or {}, model)
 
     def _gather(
         self,
         requests: Sequence[UserRequest],
         popular: Mapping[str, float],
         model: TrainedModel | None,
-    ) -> _Batch:
+    ) -> Gathered:
         """Candidates, item vectors and (with a model) signals for a batch of users."""
         prep = self._prepare(
             requests, popular, model.fusion if model is not None else self.fallback
@@ -212,7 +218,7 @@ class Recommender:
                 queries, requests, excluded, similar, covisits, strict=True
             )
         ]
-        batch = _Batch(items, prep.review_vecs, inputs)
+        batch = Gathered(items, prep.review_vecs, inputs)
         if model is not None and users is not None:
             vecs = {k: i.vector for k, i in items.items()}
             batch.signals = [
@@ -357,9 +363,12 @@ class Recommender:
             if last is not None and last in vecs and cands
             else np.zeros(len(cands))
         )
+        sequential, text_sequential = model.item_scores(user, cands, vecs)
         return signals(
             cands,
-            sequential=model.item_scores(user, cands, vecs),
+            sequential=sequential,
+            text_sequential=text_sequential,
+            trained_count=model.trained_counts(cands),
             fusion=fusion,
             covisit=inp.covisit,
             last_neighbours=req.neighbours.get(last) if last else None,

@@ -8,7 +8,8 @@ Layout of ``MODEL_DIR``::
     sequential.pt     the sequential models' weights (one per ensemble member) and config
     items.json        the sequential model's item-id vocabulary
     item_reps.npy     the vocabulary's item representations at training time (candidate retrieval)
-    reranker.json     the re-ranker's signal weights
+    item_counts.npy   each vocabulary item's interactions in the training part
+    reranker.json     the re-ranker's signal weights and network
 
 A directory is written to a sibling temporary directory and swapped in by rename, manifest last, so
 a worker watching the path never loads half a model.
@@ -72,6 +73,7 @@ class TrainedModel:
     seqs: list[Any]  # models.sequential.SeqModel, one per seed (torch is imported on load only)
     vocab: list[str]
     item_reps: np.ndarray  # (len(vocab), members * dim): each member's unit representation
+    counts: np.ndarray  # (len(vocab),): each item's interactions in the training part
     reranker: Reranker
     index: dict[str, int] = field(default_factory=dict)
 
@@ -101,12 +103,14 @@ class TrainedModel:
             reranker = Reranker.from_dict(json.loads((path / "reranker.json").read_text()))
             fusion = Fusion.load(path / "fusion.npz")
             reps = np.load(path / "item_reps.npy").astype(np.float32)
+            counts = np.load(path / "item_counts.npy").astype(np.float32)
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise ModelDirError(f"{path} is incomplete or damaged: {exc}") from None
         version = str(manifest["version"])
-        return cls(
-            version, manifest, Fusion(fusion.w1, fusion.w2, version), seqs, vocab, reps, reranker
-        )
+        if len(counts) != len(vocab):
+            raise ModelDirError(f"{path}: item_counts.npy does not match items.json")
+        fusion = Fusion(fusion.w1, fusion.w2, version)
+        return cls(version, manifest, fusion, seqs, vocab, reps, counts, reranker)
 
     # --- inference -------------------------------------------------------------------------
 
@@ -157,18 +161,30 @@ class TrainedModel:
 
     def item_scores(
         self, user: np.ndarray, items: Sequence[str], vectors: Mapping[str, np.ndarray]
-    ) -> np.ndarray:
-        """Cosine of one user's state with each item's representation (from its current text)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cosines of one user's state with each item's representation (from its current text),
+        and with the item's text part alone (as if it had no learned id)."""
         import torch
-
-        from models.sequential import unit_reps
+        import torch.nn.functional as F
 
         if not items or not np.any(user):
-            return np.zeros(len(items), dtype=np.float32)
+            return np.zeros(len(items), dtype=np.float32), np.zeros(len(items), dtype=np.float32)
         with torch.inference_mode():
             text, ids = self._inputs(items, vectors)
-            reps = unit_reps(self.seqs, text, ids)
-            return (reps.float().cpu().numpy() @ user).astype(np.float32)
+            no_ids = torch.full_like(ids, len(self.vocab))  # the padding id's row is zero
+            full, text_only = [], []
+            for seq in self.seqs:  # represent(text, ids) is the text part plus the id's row
+                part = seq.represent(text, no_ids)
+                text_only.append(F.normalize(part, dim=-1))
+                full.append(F.normalize(part + seq.ids(ids), dim=-1))
+            both = torch.cat([torch.cat(full, dim=1), torch.cat(text_only, dim=1)])
+            scores = (both.float().cpu().numpy() @ user).astype(np.float32)
+        return scores[: len(items)], scores[len(items) :]
+
+    def trained_counts(self, items: Sequence[str]) -> np.ndarray:
+        """Each item's interactions in the training part (0 for an item it never saw)."""
+        rows = np.fromiter((self.index.get(i, -1) for i in items), dtype=np.intp, count=len(items))
+        return np.where(rows >= 0, self.counts[rows], 0.0).astype(np.float32)
 
     def top_known(self, users: np.ndarray, n: int) -> list[list[str]]:
         """The ``n`` vocabulary items closest to each user state (candidate retrieval)."""
@@ -213,6 +229,7 @@ def write_model_dir(
     seq_config: dict[str, Any],
     vocab: Sequence[str],
     item_reps: np.ndarray,
+    counts: np.ndarray,
     reranker: Reranker,
 ) -> Path:
     """Write a model directory atomically: build it beside ``out``, then swap it in."""
@@ -226,6 +243,7 @@ def write_model_dir(
         torch.save({"config": seq_config, "states": list(seq_states)}, tmp / "sequential.pt")
         (tmp / "items.json").write_text(json.dumps(list(vocab)))
         np.save(tmp / "item_reps.npy", item_reps.astype(np.float32))
+        np.save(tmp / "item_counts.npy", np.asarray(counts, dtype=np.float32))
         (tmp / "reranker.json").write_text(json.dumps(reranker.to_dict(), indent=2))
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, **manifest}, indent=2) + "\n")
         if out.exists():

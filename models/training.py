@@ -39,7 +39,9 @@ from models.evaluation.baselines import Ranker, Request, Step, apply_step
 from models.evaluation.cli import Embeddings, described, embed_reviews, textless_items
 from models.evaluation.data import Dataset, distinct_sequence, load_dataset
 from models.evaluation.protocols import Progress
-from models.reranker import Signals, fit_reranker
+from models.ranking import Ranked
+from models.recommender import Gathered
+from models.reranker import choose_reranker
 from models.sequential import SeqConfig, SeqModel, pad_right, train_epoch, unit_reps
 from models.state import Fusion, UserState, behaviour_vector, review_key, text_vector
 from models.trained import TrainedModel, fingerprint, write_model_dir
@@ -317,6 +319,15 @@ class Trainer:
             ids = torch.arange(len(self.vocab))
             return unit_reps(models, text, ids).numpy()
 
+    def counts(self) -> np.ndarray:
+        """Each vocabulary item's interactions in the training part (steps of the users'
+        distinct-item sequences), in vocabulary order."""
+        out = np.zeros(len(self.vocab), dtype=np.float32)
+        for steps in self.split.train.values():
+            for step in steps:
+                out[self.index[step[0].item_id]] += 1
+        return out
+
     # --- re-ranker -----------------------------------------------------------------------------
 
     def ranker(self, model: TrainedModel, workdir: Path) -> Ranker:
@@ -366,6 +377,24 @@ def _walk(
     return out
 
 
+def _each_request(batch: Gathered) -> list[tuple[Gathered, int]]:
+    return [(batch, n) for n in range(len(batch.inputs))]
+
+
+def _rank_gathered(
+    ranker: Ranker, model: TrainedModel, gathered: Sequence[tuple[Gathered, int]]
+) -> list[list[str]]:
+    """The top K of each gathered request, ranked by ``model``'s re-ranker (a batch at a time)."""
+    shown: list[list[str]] = []
+    ranked: list[list[Ranked]] = []
+    last: Gathered | None = None
+    for batch, n in gathered:
+        if batch is not last:
+            ranked, last = ranker.recommender.rank_gathered(batch, model), batch
+        shown.append([r.item_id for r in ranked[n]][:K])
+    return shown
+
+
 def train(
     log_path: Path, out: Path, settings: Settings, recipe: Recipe, kind: str
 ) -> dict[str, Any]:
@@ -412,18 +441,28 @@ def train(
         seqs,
         trainer.vocab,
         trainer.item_reps(seqs),
+        trainer.counts(),
         Reranker.default(),
     )
     targets = [t for _, t in split.valid]
     with tempfile.TemporaryDirectory(prefix="recstream-train-") as tmp:
         ranker = trainer.ranker(model, Path(tmp) / "signals")
-        lists: list[Signals] = _walk(ranker, split, ranker.signals, "re-ranker signals")
-        ranker.recommender.store.close()
-        recall = sum(t in s.items for s, t in zip(lists, targets, strict=True)) / len(targets)
-        model.reranker = fit_reranker(lists, targets)
-        ranker = trainer.ranker(model, Path(tmp) / "validate")
-        shown = _walk(ranker, split, lambda reqs: ranker.recommend(reqs, K), "validating")
-        ranker.recommender.store.close()
+        try:
+            # Each validation request's gathered batch and its place in it: the re-ranker is
+            # fitted on the batches' signals, then the same batches are ranked with it.
+            gathered = _walk(
+                ranker,
+                split,
+                lambda reqs: _each_request(ranker.gather(reqs)),
+                "re-ranker signals",
+            )
+            lists = [batch.signals[n] for batch, n in gathered if batch.signals is not None]
+            recall = sum(t in s.items for s, t in zip(lists, targets, strict=True)) / len(targets)
+            model.reranker, reranker_cv = choose_reranker(lists, targets)
+            log.info("reranker", **reranker_cv)
+            shown = _rank_gathered(ranker, model, gathered)
+        finally:
+            ranker.recommender.store.close()
     n_valid = max(len(targets), 1)
     valid_metrics = {
         "HR@10": round(sum(hit(s, t, K) for s, t in zip(shown, targets, strict=True)) / n_valid, 4),
@@ -458,6 +497,7 @@ def train(
             "sequential": ensemble_metrics,
             "members": [info["epochs"][info["best_epoch"] - 1] for _, info in members],
             "candidate_recall": round(recall, 4),
+            "reranker": reranker_cv,
             "recommender": valid_metrics,
         },
         "training": {
@@ -483,6 +523,7 @@ def train(
         seq_config=cfg.to_dict(),
         vocab=trainer.vocab,
         item_reps=model.item_reps,
+        counts=model.counts,
         reranker=model.reranker,
     )
     return manifest

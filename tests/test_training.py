@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from clirun import run_cli
 from conftest import Stack
 
@@ -27,8 +28,8 @@ from models.evaluation.cli import Embeddings
 from models.evaluation.data import load_dataset
 from models.ranking import ItemInfo, RankInput, explain, mmr_select
 from models.recommender import Recommender, UserRequest
-from models.reranker import FEATURES, Reranker, Signals, fit_reranker
-from models.sequential import SeqConfig
+from models.reranker import FEATURES, Reranker, Signals, choose_reranker, fit_reranker
+from models.sequential import SeqConfig, unit_reps
 from models.state import UserState, apply_interaction
 from models.trained import ModelDirError, TrainedModel, manifest_version, read_manifest
 from models.training import Recipe, Trainer, holdout
@@ -125,8 +126,9 @@ def test_time_holdout_trains_on_the_past_and_validates_on_the_next_slice(tmp_pat
 
 
 def test_reranker_fit_weights_the_signal_that_finds_the_target() -> None:
-    """On lists where only ``covisit`` points at the target, the fitted weight of ``covisit`` is
-    the largest, and the fitted scorer ranks the target first."""
+    """On lists where only ``covisit`` points at the target, the linear fit's largest weight is
+    ``covisit``; the default fit (linear term plus network) ranks every target first and names
+    ``covisit`` as the signal that lifted it; both survive a round trip through JSON."""
     rng = np.random.default_rng(0)
     lists, targets = [], []
     for n in range(200):
@@ -136,15 +138,87 @@ def test_reranker_fit_weights_the_signal_that_finds_the_target() -> None:
         values[0, 2] = 1.0
         lists.append(Signals(items, values))
         targets.append(items[0])
+    linear = fit_reranker(lists, targets, hidden=0)
+    assert not linear.net
+    assert int(np.argmax(linear.weights)) == FEATURES.index("covisit")
     reranker = fit_reranker(lists, targets)
-    assert int(np.argmax(reranker.weights)) == FEATURES.index("covisit")
-    assert all(int(np.argmax(reranker.score(s.values))) == 0 for s in lists)
-    again = Reranker.from_dict(json.loads(json.dumps(reranker.to_dict())))
-    np.testing.assert_allclose(
-        again.score(lists[0].values), reranker.score(lists[0].values), rtol=1e-5
-    )
+    assert len(reranker.net) == 5
+    for fitted in (linear, reranker):
+        assert all(int(np.argmax(fitted.score(s.values))) == 0 for s in lists)
+        assert all(fitted.lead_signal(s.values)[0] == "covisit" for s in lists)
+        again = Reranker.from_dict(json.loads(json.dumps(fitted.to_dict())))
+        np.testing.assert_allclose(
+            again.score(lists[0].values), fitted.score(lists[0].values), rtol=1e-5
+        )
     with pytest.raises(ValueError, match="signals"):
         Reranker.from_dict({**reranker.to_dict(), "features": ["a"]})
+
+
+def _trust_lists(n: int) -> tuple[list[Signals], list[str]]:
+    """Lists where the sequential score finds the target when the candidates' learned ids saw
+    many interactions, and the text-only score finds it when they saw none; the other score
+    then points at a decoy (row 1). Even lists are warm, odd ones cold; row 0 is the target."""
+    rng = np.random.default_rng(3)
+    seq, text, count = (
+        FEATURES.index(f) for f in ("sequential", "text_sequential", "trained_count")
+    )
+    lists, targets = [], []
+    for i in range(n):
+        items = [f"i{i}-{j}" for j in range(20)]
+        values = rng.normal(scale=0.3, size=(20, len(FEATURES))).astype(np.float32)
+        warm = i % 2 == 0
+        values[:, count] = np.log1p(50.0) if warm else 0.0
+        found, decoy = (seq, text) if warm else (text, seq)
+        values[0, found] = 2.0
+        values[1, decoy] = 2.0
+        lists.append(Signals(items, values))
+        targets.append(items[0])
+    return lists, targets
+
+
+def test_reranker_network_learns_which_score_to_trust() -> None:
+    """On lists where which of two scores finds the target depends on a third signal, no linear
+    score can follow both, and the fitted network ranks nearly every target first. Its
+    contributions are the fall in score when one signal is set to its mean, and the lead signal
+    of a target is the score that found it."""
+    lists, targets = _trust_lists(600)
+
+    def first(r: Reranker) -> float:
+        return float(np.mean([int(np.argmax(r.score(s.values))) == 0 for s in lists]))
+
+    assert first(fit_reranker(lists, targets, hidden=0)) <= 0.6
+    reranker = fit_reranker(lists, targets)
+    assert first(reranker) >= 0.95
+    warm_lead = reranker.lead_signal(lists[0].values)[0]
+    cold_lead = reranker.lead_signal(lists[1].values)[0]
+    assert (warm_lead, cold_lead) == ("sequential", "text_sequential")
+    seq = FEATURES.index("sequential")
+    values = lists[0].values
+    mean_seq = values.copy()
+    mean_seq[:, seq] = reranker.mean[seq]
+    np.testing.assert_allclose(
+        reranker.contributions(values)[:, seq],
+        reranker.score(values) - reranker.score(mean_seq),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_training_chooses_the_reranker_by_cross_validation() -> None:
+    """Held-out folds decide between the linear re-ranker and the network: on the lists above
+    the network ranks far more held-out targets first, so it is chosen and fitted on every list;
+    lists whose target is not among the candidates count as misses."""
+    lists, targets = _trust_lists(400)
+    lists.append(Signals(["x", "y"], np.zeros((2, len(FEATURES)), np.float32)))
+    targets.append("absent")
+    reranker, report = choose_reranker(lists, targets)
+    assert report["chosen"] == "network"
+    assert len(reranker.net) == 5
+    linear, network = report["linear"], report["network"]
+    assert isinstance(linear, dict)
+    assert isinstance(network, dict)
+    assert network["HR@10"] == round(400 / 401, 4)  # the absent target is the one miss
+    assert network["NDCG@10"] > linear["NDCG@10"] + 0.1
 
 
 def test_mmr_is_independent_of_the_score_scale() -> None:
@@ -287,10 +361,44 @@ def test_eval_with_model_dir_reports_the_trained_model(
     assert models["trained"]["HR@10"] > models["mostpop"]["HR@10"] + 0.3
 
 
+def test_item_scores_are_the_members_cosines(trained: tuple[Path, Path, Path]) -> None:
+    """A trained model's two sequential scores for a candidate are the ensemble's mean cosine
+    between the user and the item's full representation, and with its text part alone (the
+    padding id, as for an item the model never saw), and the training counts follow the
+    vocabulary; an item outside it counts 0."""
+    _, model_dir, _ = trained
+    model = TrainedModel.load(model_dir)
+    rng = np.random.default_rng(5)
+    items = [*model.vocab[:6], "never-seen"]
+    history = model.vocab[6:9]
+    vecs = {}
+    for i in [*items, *history]:
+        v = rng.normal(size=384).astype(np.float32)
+        vecs[i] = v / np.linalg.norm(v)  # unit length, as the encoder's vectors are
+    user = model.user_vectors([history], vecs)[0]
+    full, text_only = model.item_scores(user, items, vecs)
+    text = torch.tensor(np.stack([vecs[i] for i in items]))
+    ids = torch.tensor([model.index.get(i, len(model.vocab)) for i in items])
+    with torch.inference_mode():
+        want_full = unit_reps(model.seqs, text, ids).numpy() @ user
+        want_text = (
+            unit_reps(model.seqs, text, torch.full_like(ids, len(model.vocab))).numpy() @ user
+        )
+    np.testing.assert_allclose(full, want_full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(text_only, want_text, rtol=1e-5, atol=1e-6)
+    assert full[-1] == pytest.approx(text_only[-1])  # no learned id: both are the text part
+    counts = model.trained_counts(items)
+    assert counts[-1] == 0.0
+    assert counts[:-1].tolist() == [model.counts[model.index[i]] for i in items[:-1]]
+    assert (counts[:-1] > 0).all()
+
+
 def test_a_new_item_ranks_by_its_text(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """An item added after training (no learned id) is retrieved through its text and ranked by
-    it: a near-copy of a catalogue item's text ranks within three places of that item, and both
-    are in the user's top 30 (without co-visitation or popularity, text decides)."""
+    it: a near-copy of a catalogue item's text ranks no more than three places below that item,
+    and both are in the user's top 30 (without co-visitation or popularity, text decides). It
+    may rank above its twin: the training-count signal weighs what validation taught about items
+    the training part saw less (in this log, a walk's later items, which are the targets)."""
     _, model_dir, data_dir = trained
     model = TrainedModel.load(model_dir)
     settings = load_settings(data_dir=data_dir, encoder={"device": "cpu"})
@@ -317,12 +425,12 @@ def test_a_new_item_ranks_by_its_text(trained: tuple[Path, Path, Path], tmp_path
         for n, item in enumerate(["scifi-003", "scifi-004", "scifi-005"]):
             apply_interaction(state, item, "purchase", T0 + n, None, max_recent=50)
         req = UserRequest("x", state, {})
-        (signals,) = rec.signals([req])
+        (signals,) = rec.gather([req]).signals or []
         assert "scifi-006-special" not in model.index
         scores = dict(zip(signals.items, model.reranker.score(signals.values), strict=True))
         order = sorted(scores, key=lambda i: -scores[i])
         new, twin = order.index("scifi-006-special"), order.index("scifi-006")
-        assert abs(new - twin) <= 3, (new, twin, len(order))
+        assert new <= twin + 3, (new, twin, len(order))
         (ranked,) = rec.recommend([req])
         shown = [r.item_id for r in ranked]
         assert "scifi-006-special" in shown

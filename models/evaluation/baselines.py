@@ -28,8 +28,7 @@ from models.covisit import (
 )
 from models.evaluation.data import Interaction
 from models.profiles import CATALOGUE, REVIEWS, ProfileBook, profile_point
-from models.recommender import Recommender, UserRequest, covisit_sources
-from models.reranker import Signals
+from models.recommender import Gathered, Recommender, UserRequest, covisit_sources
 from models.state import Fusion, UserState, apply_interaction, apply_review, review_key
 from models.trained import TrainedModel
 
@@ -312,9 +311,9 @@ class Ranker:
         lists = self.recommender.recommend(self._users(requests), self.popular)
         return [[r.item_id for r in ranked][:k] for ranked in lists]
 
-    def signals(self, requests: Sequence[Request]) -> list[Signals]:
-        """The trained re-ranker's candidates and signals for each request."""
-        return self.recommender.signals(self._users(requests), self.popular)
+    def gather(self, requests: Sequence[Request]) -> Gathered:
+        """The trained re-ranker's candidates and signals for each request, to rank later."""
+        return self.recommender.gather(self._users(requests), self.popular)
 
     def _users(self, requests: Sequence[Request]) -> list[UserRequest]:
         users = []
