@@ -6,9 +6,10 @@ network over the same inputs, which lets one signal change how much another coun
 sequential score of an item whose learned id saw few interactions is worth less than that of a
 well-known one). The linear term is fitted first (L-BFGS); the network, whose output starts at
 zero, then learns with it what the linear term leaves (AdamW, fixed epochs and seed). Training
-fits both ways on all but one of five folds of the validation lists, in turn, and keeps the way
-that ranks the held-out folds' targets better (:func:`choose_reranker`): on a small validation
-set the network can fit noise, and then the linear re-ranker is kept.
+fits both ways on all but one of five folds of the validation lists, in turn, and keeps the
+network only when it ranks the held-out folds' targets better (NDCG@10) by more than one
+standard error of the per-list difference (:func:`choose_reranker`): on a small validation set the network can
+fit noise, and then the linear re-ranker is kept.
 
 The signals, each computed the same way in training, offline evaluation and the stream:
 
@@ -289,10 +290,10 @@ def cross_validate(
     folds: int = FOLDS,
     k: int = K,
     **fit: int,
-) -> dict[str, float]:
-    """HR@k and NDCG@k over every list (a target outside the candidates is a miss), each fold's
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each list's hit@k and NDCG@k (a target outside the candidates is a miss), each fold's
     lists (every ``folds``-th, in order) ranked by a re-ranker fitted on the other folds."""
-    hr = nd = 0.0
+    hits, gains = np.zeros(len(lists)), np.zeros(len(lists))
     for fold in range(folds):
         held = range(fold, len(lists), folds)
         rest = [n for n in range(len(lists)) if n % folds != fold]
@@ -301,21 +302,47 @@ def cross_validate(
             sig = lists[n]
             order = np.argsort(-fitted.score(sig.values), kind="stable")[:k]
             shown = [sig.items[j] for j in order]
-            hr += hit(shown, targets[n], k)
-            nd += ndcg(shown, targets[n], k)
-    total = max(len(lists), 1)
-    return {f"HR@{k}": round(hr / total, 4), f"NDCG@{k}": round(nd / total, 4)}
+            hits[n] = hit(shown, targets[n], k)
+            gains[n] = ndcg(shown, targets[n], k)
+    return hits, gains
+
+
+def paired_gain(better: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """The mean per-list gain of ``better`` over ``base`` on the same lists, and its standard
+    error (0 for fewer than two lists)."""
+    diff = np.asarray(better, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    if len(diff) < 2:
+        return float(diff.mean()) if len(diff) else 0.0, 0.0
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def choose_reranker(
     lists: Sequence[Signals], targets: Sequence[str], *, folds: int = FOLDS
 ) -> tuple[Reranker, dict[str, object]]:
-    """The linear re-ranker or the linear term plus network, whichever ranks the validation
-    targets better across ``folds`` folds (HR@10, then NDCG@10; a tie keeps the linear one),
-    fitted again on every list; and the comparison, for the manifest."""
-    linear = cross_validate(lists, targets, folds=folds, hidden=0)
-    network = cross_validate(lists, targets, folds=folds)
-    key = (f"HR@{K}", f"NDCG@{K}")
-    chosen = "network" if [network[m] for m in key] > [linear[m] for m in key] else "linear"
+    """The linear re-ranker, or the linear term plus network when it ranks the validation
+    targets better across ``folds`` folds by more than chance would: its NDCG@10 gain over the
+    linear one, list by list, must exceed one standard error of that paired gain (the simpler
+    model unless the richer one is better by more than its noise; NDCG@10 counts a hit's place
+    in the list too, so a network that lifts targets within the top 10 counts). Fitted again on
+    every list; the comparison goes to the manifest."""
+    lin_hits, lin_gains = cross_validate(lists, targets, folds=folds, hidden=0)
+    net_hits, net_gains = cross_validate(lists, targets, folds=folds)
+    gain, error = paired_gain(net_gains, lin_gains)
+    chosen = "network" if gain > error else "linear"
     fitted = fit_reranker(lists, targets, hidden=HIDDEN if chosen == "network" else 0)
-    return fitted, {"folds": folds, "linear": linear, "network": network, "chosen": chosen}
+    return fitted, {
+        "folds": folds,
+        "linear": _means(lin_hits, lin_gains),
+        "network": _means(net_hits, net_gains),
+        f"network_NDCG@{K}_gain": round(gain, 4),
+        "gain_standard_error": round(error, 4),
+        "chosen": chosen,
+    }
+
+
+def _means(hits: np.ndarray, gains: np.ndarray) -> dict[str, float]:
+    total = max(len(hits), 1)
+    return {
+        f"HR@{K}": round(float(hits.sum()) / total, 4),
+        f"NDCG@{K}": round(float(gains.sum()) / total, 4),
+    }

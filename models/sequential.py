@@ -59,13 +59,24 @@ class SeqModel(nn.Module):
         self.get_buffer("text_mean").copy_(text.mean(0))
         self.get_buffer("text_std").copy_(text.std(0).clamp_min(1e-6))
 
+    def text_part(self, text: torch.Tensor) -> torch.Tensor:
+        """The text half of item representations: standardised text vectors, projected."""
+        mean, std = self.get_buffer("text_mean"), self.get_buffer("text_std")
+        return self.proj((text - mean) / std)
+
+    def text_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`text_part` as one affine map, ``text @ weight + shift``: weight (text_dim, dim)
+        and shift (dim,)."""
+        mean, std = self.get_buffer("text_mean"), self.get_buffer("text_std")
+        weight = (self.proj.weight / std).T
+        return weight, -(mean @ weight)
+
     def represent(
         self, text: torch.Tensor, ids: torch.Tensor, id_dropout: float = 0.0
     ) -> torch.Tensor:
         """Item representations from text vectors (n, text_dim) and vocabulary ids (n,; or
         ``self.items`` for an item without a learned id)."""
-        mean, std = self.get_buffer("text_mean"), self.get_buffer("text_std")
-        rep = self.proj((text - mean) / std)
+        rep = self.text_part(text)
         emb = self.ids(ids)
         if id_dropout > 0.0 and self.training:
             emb = emb * (torch.rand(emb.shape[0], 1, device=emb.device) >= id_dropout)

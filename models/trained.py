@@ -76,6 +76,7 @@ class TrainedModel:
     counts: np.ndarray  # (len(vocab),): each item's interactions in the training part
     reranker: Reranker
     index: dict[str, int] = field(default_factory=dict)
+    _score_maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {item: n for n, item in enumerate(self.vocab)}
@@ -163,23 +164,42 @@ class TrainedModel:
         self, user: np.ndarray, items: Sequence[str], vectors: Mapping[str, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cosines of one user's state with each item's representation (from its current text),
-        and with the item's text part alone (as if it had no learned id)."""
-        import torch
-        import torch.nn.functional as F
+        and with the item's text part alone (as if it had no learned id).
 
+        Computed in NumPy from :meth:`_maps`: one matrix product for the members' text parts, then
+        element-wise work on a few hundred rows, which torch would hand to its thread pool op by
+        op (on two cores the pool's hand-offs took longer than the arithmetic).
+        """
+        n = len(items)
         if not items or not np.any(user):
-            return np.zeros(len(items), dtype=np.float32), np.zeros(len(items), dtype=np.float32)
-        with torch.inference_mode():
-            text, ids = self._inputs(items, vectors)
-            no_ids = torch.full_like(ids, len(self.vocab))  # the padding id's row is zero
-            full, text_only = [], []
-            for seq in self.seqs:  # represent(text, ids) is the text part plus the id's row
-                part = seq.represent(text, no_ids)
-                text_only.append(F.normalize(part, dim=-1))
-                full.append(F.normalize(part + seq.ids(ids), dim=-1))
-            both = torch.cat([torch.cat(full, dim=1), torch.cat(text_only, dim=1)])
-            scores = (both.float().cpu().numpy() @ user).astype(np.float32)
-        return scores[: len(items)], scores[len(items) :]
+            return np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+        project, offset, ids = self._maps()
+        members = len(self.seqs)
+        per_member = user.reshape(members, -1)
+        text = np.stack([vectors[i] for i in items]).astype(np.float32, copy=False)
+        part = text @ project + offset  # (n, members * dim): the text parts
+        rows = np.fromiter((self.index.get(i, -1) for i in items), dtype=np.intp, count=n)
+        full = part.copy()
+        known = rows >= 0
+        full[known] += ids[rows[known]]
+        return _member_cosines(full, per_member), _member_cosines(part, per_member)
+
+    def _maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The members' text parts as one affine map of a text vector, ``text @ project +
+        offset``, and their learned id rows, side by side (computed once, on the CPU)."""
+        if self._score_maps is None:
+            project, offset, ids = [], [], []
+            for seq in self.seqs:
+                weight, shift = seq.text_map()
+                project.append(weight.detach().float().cpu().numpy())
+                offset.append(shift.detach().float().cpu().numpy())
+                ids.append(seq.ids.weight.detach().float().cpu().numpy()[: len(self.vocab)])
+            self._score_maps = (
+                np.concatenate(project, axis=1),
+                np.concatenate(offset),
+                np.concatenate(ids, axis=1),
+            )
+        return self._score_maps
 
     def trained_counts(self, items: Sequence[str]) -> np.ndarray:
         """Each item's interactions in the training part (0 for an item it never saw)."""
@@ -199,13 +219,18 @@ class TrainedModel:
     def text_queries(self, users: np.ndarray) -> np.ndarray:
         """Queries in the encoder's space whose dot product with a text vector ranks items as the
         text part of their representations does: the members' (P^T h) / std, summed."""
-        dim = self.seqs[0].cfg.dim
-        out = np.zeros((len(users), self.seqs[0].cfg.text_dim), dtype=np.float32)
-        for m, seq in enumerate(self.seqs):
-            weight = seq.proj.weight.detach().float().cpu().numpy()  # (dim, text_dim)
-            std = seq.get_buffer("text_std").detach().float().cpu().numpy()
-            out += (users[:, m * dim : (m + 1) * dim] @ weight) / std
-        return out
+        project, _, _ = self._maps()
+        return (users @ project.T).astype(np.float32, copy=False)
+
+
+def _member_cosines(reps: np.ndarray, user: np.ndarray) -> np.ndarray:
+    """For item rows ``reps`` (n, members * dim) and a user's per-member parts ``user``
+    (members, dim): the sum over members of the user part's dot product with the item's unit
+    member part (a zero part counts as zero, as ``F.normalize`` leaves it)."""
+    parts = reps.reshape(len(reps), *user.shape)
+    dots = np.einsum("nmd,md->nm", parts, user)
+    norms = np.sqrt(np.einsum("nmd,nmd->nm", parts, parts))
+    return (dots / np.maximum(norms, 1e-12)).sum(axis=1, dtype=np.float32)
 
 
 def fingerprint(path: Path) -> str:
