@@ -8,8 +8,8 @@ well-known one). The linear term is fitted first (L-BFGS); the network, whose ou
 zero, then learns with it what the linear term leaves (AdamW, fixed epochs and seed). Training
 fits both ways on all but one of five folds of the validation lists, in turn, and keeps the
 network only when it ranks the held-out folds' targets better (NDCG@10) by more than one
-standard error of the per-list difference (:func:`choose_reranker`): on a small validation set the network can
-fit noise, and then the linear re-ranker is kept.
+standard error of the per-list difference (:func:`choose_reranker`): on a small validation set
+the network can fit noise, and then the linear re-ranker is kept.
 
 The signals, each computed the same way in training, offline evaluation and the stream:
 
