@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,6 @@ class TrainedModel:
     counts: np.ndarray  # (len(vocab),): each item's interactions in the training part
     reranker: Reranker
     index: dict[str, int] = field(default_factory=dict)
-    _score_maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.index = {item: n for n, item in enumerate(self.vocab)}
@@ -166,44 +166,43 @@ class TrainedModel:
         """Cosines of one user's state with each item's representation (from its current text),
         and with the item's text part alone (as if it had no learned id).
 
-        Computed in NumPy from :meth:`_maps`: one matrix product for the members' text parts, then
+        Computed in NumPy from :attr:`_maps`: one matrix product for the members' text parts, then
         element-wise work on a few hundred rows, which torch would hand to its thread pool op by
         op (on two cores the pool's hand-offs took longer than the arithmetic).
         """
         n = len(items)
         if not items or not np.any(user):
             return np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
-        project, offset, ids = self._maps()
+        project, offset, ids = self._maps
         members = len(self.seqs)
         per_member = user.reshape(members, -1)
         text = np.stack([vectors[i] for i in items]).astype(np.float32, copy=False)
         part = text @ project + offset  # (n, members * dim): the text parts
-        rows = np.fromiter((self.index.get(i, -1) for i in items), dtype=np.intp, count=n)
+        rows = self._rows(items)
         full = part.copy()
         known = rows >= 0
         full[known] += ids[rows[known]]
         return _member_cosines(full, per_member), _member_cosines(part, per_member)
 
+    @cached_property
     def _maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The members' text parts as one affine map of a text vector, ``text @ project +
         offset``, and their learned id rows, side by side (computed once, on the CPU)."""
-        if self._score_maps is None:
-            project, offset, ids = [], [], []
-            for seq in self.seqs:
-                weight, shift = seq.text_map()
-                project.append(weight.detach().float().cpu().numpy())
-                offset.append(shift.detach().float().cpu().numpy())
-                ids.append(seq.ids.weight.detach().float().cpu().numpy()[: len(self.vocab)])
-            self._score_maps = (
-                np.concatenate(project, axis=1),
-                np.concatenate(offset),
-                np.concatenate(ids, axis=1),
-            )
-        return self._score_maps
+        project, offset, ids = [], [], []
+        for seq in self.seqs:
+            weight, shift = seq.text_map()
+            project.append(weight.detach().float().cpu().numpy())
+            offset.append(shift.detach().float().cpu().numpy())
+            ids.append(seq.ids.weight.detach().float().cpu().numpy()[: len(self.vocab)])
+        return np.concatenate(project, axis=1), np.concatenate(offset), np.concatenate(ids, axis=1)
+
+    def _rows(self, items: Sequence[str]) -> np.ndarray:
+        """Each item's vocabulary row, or -1 for an item the model never saw."""
+        return np.fromiter((self.index.get(i, -1) for i in items), dtype=np.intp, count=len(items))
 
     def trained_counts(self, items: Sequence[str]) -> np.ndarray:
         """Each item's interactions in the training part (0 for an item it never saw)."""
-        rows = np.fromiter((self.index.get(i, -1) for i in items), dtype=np.intp, count=len(items))
+        rows = self._rows(items)
         return np.where(rows >= 0, self.counts[rows], 0.0).astype(np.float32)
 
     def top_known(self, users: np.ndarray, n: int) -> list[list[str]]:
@@ -219,7 +218,7 @@ class TrainedModel:
     def text_queries(self, users: np.ndarray) -> np.ndarray:
         """Queries in the encoder's space whose dot product with a text vector ranks items as the
         text part of their representations does: the members' (P^T h) / std, summed."""
-        project, _, _ = self._maps()
+        project, _, _ = self._maps
         return (users @ project.T).astype(np.float32, copy=False)
 
 
